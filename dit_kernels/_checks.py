@@ -1,0 +1,41 @@
+"""Input validation shared by the public wrappers: clear Python errors before any kernel runs."""
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def check_rank(name, t, ranks, layout):
+    if t.dim() not in ranks:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+
+
+def check_same_device(**tensors):
+    devices = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {desc}")
+
+
+def per_sample(name, t, n, d):
+    """Return a modulation tensor as an (N, D) view (stride 0 over N when shared).
+
+    Accepts (N, D) with any row stride, and shared (D,) or (1, D). Never copies, except
+    when the inner stride is not 1 (then a small (N, D) copy is made).
+    """
+    check_float(name, t)
+    if t.dim() == 1 and t.shape[0] == d:
+        t = t.unsqueeze(0)
+    if t.dim() != 2 or t.shape[1] != d or t.shape[0] not in (1, n):
+        raise ValueError(f"{name} must have shape (N, D) = ({n}, {d}), (1, {d}) or ({d},), got {tuple(t.shape)}")
+    if t.shape[0] == 1 and n != 1:
+        t = t.expand(n, d)
+    if d > 1 and t.stride(1) != 1:
+        t = t.contiguous()
+    return t

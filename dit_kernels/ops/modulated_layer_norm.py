@@ -1,0 +1,94 @@
+"""Modulated LayerNorm (adaLN): y = LayerNorm(x, no affine) * (1 + scale) + shift.
+
+x (N, T, D); shift, scale (N, D) per sample (any row stride, e.g. views from
+``Linear(c, 6D)(c).chunk(6, dim=1)``) or shared (D,) / (1, D). Statistics and
+reductions in fp32; y in x.dtype; saved for backward: fp32 mean and rstd (N, T).
+"""
+import torch
+
+from .._checks import check_float, check_rank, check_same_device, per_sample
+from .._ext import HAS_EXT, use_ext
+
+__all__ = ["modulated_layer_norm", "modulated_layer_norm_ref"]
+
+
+def modulated_layer_norm_ref(x, shift, scale, eps=1e-6, upcast=True):
+    """Readable reference. x (N, T, D); shift, scale (N, D) or (D,). Returns y (N, T, D) in x.dtype."""
+    dtype = x.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        x, shift, scale = x.float(), shift.float(), scale.float()
+    if shift.dim() == 1:
+        shift, scale = shift.unsqueeze(0), scale.unsqueeze(0)
+    h = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)  # (N, T, D)
+    y = h * (1 + scale.to(h.dtype)[:, None, :]) + shift.to(h.dtype)[:, None, :]
+    return y.to(dtype)
+
+
+def _validate(x, shift, scale):
+    check_float("x", x)
+    check_rank("x", x, (3,), "(N, T, D)")
+    check_same_device(x=x, shift=shift, scale=scale)
+    n, _, d = x.shape
+    shift = per_sample("shift", shift, n, d)
+    scale = per_sample("scale", scale, n, d)
+    if x.numel() and x.stride(2) != 1:
+        x = x.contiguous()  # the kernel reads rows as contiguous vectors
+    return x, shift, scale
+
+
+def modulated_layer_norm(x, shift, scale, eps=1e-6, impl="auto"):
+    """y = LN(x) * (1 + scale[:, None]) + shift[:, None].
+
+    Args:
+        x: (N, T, D) float32/float16/bfloat16/float64.
+        shift, scale: (N, D) (any row stride) or (D,) / (1, D); may be float32 with half x.
+        eps: LayerNorm epsilon (DiT uses 1e-6).
+        impl: "auto" (compiled kernel when available), "ext" (require it), "ref".
+    Returns:
+        y: (N, T, D) in x.dtype.
+    """
+    x, shift_nd, scale_nd = _validate(x, shift, scale)
+    if not use_ext("modulated_layer_norm", impl, x.device):
+        return modulated_layer_norm_ref(x, shift, scale, eps)
+    y, _, _ = torch.ops.dit_kernels.modulated_layer_norm(x, shift_nd, scale_nd, float(eps))
+    return y
+
+
+if HAS_EXT:
+
+    @torch.library.register_fake("dit_kernels::modulated_layer_norm")
+    def _(x, shift, scale, eps):
+        torch._check(x.dim() == 3, lambda: "x must be (N, T, D)")
+        n, t, d = x.shape
+        torch._check(shift.shape == (n, d) and scale.shape == (n, d), lambda: "shift/scale must be (N, D)")
+        stats = x.new_empty((n, t), dtype=torch.float32)
+        return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
+
+    @torch.library.register_fake("dit_kernels::_modulated_layer_norm_backward")
+    def _(grad_y, x, scale, mean, rstd):
+        n, _, d = x.shape
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            scale.new_empty((n, d)),
+            scale.new_empty((n, d)),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        x, shift, scale, eps = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, scale, mean, rstd = ctx.saved_tensors
+        if grad_y is None:
+            return None, None, None, None
+        dx, dshift, dscale = torch.ops.dit_kernels._modulated_layer_norm_backward(
+            grad_y.contiguous(), x, scale, mean, rstd
+        )
+        need_x, need_shift, need_scale, _ = ctx.needs_input_grad
+        return (dx if need_x else None, dshift if need_shift else None, dscale if need_scale else None, None)
+
+    torch.library.register_autograd(
+        "dit_kernels::modulated_layer_norm", _backward, setup_context=_setup_context
+    )

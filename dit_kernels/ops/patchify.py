@@ -1,0 +1,93 @@
+"""Patchify / unpatchify: exact permutations between images and token sequences.
+
+patchify (conv layout, matches Conv2d(C, D, p, stride=p).weight.view(D, C*p*p)):
+    P[n, i*w + j, c*p*p + a*p + b] = x[n, c, i*p + a, j*p + b]
+unpatchify (output layout, as the DiT final linear emits features (a, b, c)):
+    out[n, c, i*p + a, j*p + b] = y[n, i*w + j, (a*p + b)*C_all + c],  c < channels
+"""
+import torch
+
+from .._checks import check_float, check_rank
+from .._ext import use_ext
+
+__all__ = ["patchify", "patchify_ref", "unpatchify", "unpatchify_ref"]
+
+
+def patchify_ref(x, patch_size):
+    """(N, C, H, W) -> (N, T, C*p*p), T row-major over the (H/p, W/p) grid."""
+    n, c, hh, ww = x.shape
+    p = patch_size
+    h, w = hh // p, ww // p
+    x = x.reshape(n, c, h, p, w, p)  # (N, C, h, p, w, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # (N, h, w, C, p, p)
+    return x.reshape(n, h * w, c * p * p)  # (N, T, C*p*p)
+
+
+def unpatchify_ref(y, patch_size, height, width, channels=None):
+    """(N, T, p*p*C_all) -> (N, C, H, W); keeps the first `channels` of C_all."""
+    n, t, f = y.shape
+    p = patch_size
+    c_all = f // (p * p)
+    h, w = height // p, width // p
+    y = y.reshape(n, h, w, p, p, c_all)  # (N, h, w, p, p, C_all)
+    y = y.permute(0, 5, 1, 3, 2, 4)  # (N, C_all, h, p, w, p)
+    out = y.reshape(n, c_all, h * p, w * p)  # (N, C_all, H, W)
+    if channels is not None and channels != c_all:
+        out = out[:, :channels]
+    return out
+
+
+def _check_patch(patch_size):
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+
+
+def patchify(x, patch_size, impl="auto"):
+    """Split images into patch tokens in Conv2d-weight feature order.
+
+    Args:
+        x: (N, C, H, W) float; H and W divisible by patch_size.
+        patch_size: p.
+    Returns:
+        (N, T, C*p*p) with T = (H/p)*(W/p), row-major, in x.dtype (a new tensor).
+    """
+    check_float("x", x)
+    check_rank("x", x, (4,), "(N, C, H, W)")
+    _check_patch(patch_size)
+    _, _, hh, ww = x.shape
+    if hh % patch_size or ww % patch_size:
+        raise ValueError(f"patch_size {patch_size} must divide H and W, got x of shape {tuple(x.shape)}")
+    if not use_ext("patchify", impl, x.device):
+        return patchify_ref(x, patch_size).contiguous()
+    return torch.ops.dit_kernels.patchify(x.contiguous(), patch_size)
+
+
+def unpatchify(y, patch_size, height, width, channels=None, impl="auto"):
+    """Reassemble (N, T, p*p*C_all) tokens with (a, b, c) feature order into images.
+
+    Args:
+        y: (N, T, p*p*C_all) float, T = (height/p)*(width/p).
+        patch_size: p. height, width: output image size H, W.
+        channels: keep the first C <= C_all channels (e.g. drop the learned-sigma half);
+            None keeps all.
+    Returns:
+        (N, C, H, W) in y.dtype (a new contiguous tensor).
+    """
+    check_float("y", y)
+    check_rank("y", y, (3,), "(N, T, p*p*C)")
+    _check_patch(patch_size)
+    p = patch_size
+    if height % p or width % p:
+        raise ValueError(f"patch_size {p} must divide height {height} and width {width}")
+    n, t, f = y.shape
+    if t != (height // p) * (width // p):
+        raise ValueError(f"y has {t} tokens but a {height}x{width} image with patch {p} has {(height // p) * (width // p)}")
+    if f % (p * p):
+        raise ValueError(f"y's last dim {f} must be a multiple of p*p = {p * p}")
+    c_all = f // (p * p)
+    c = c_all if channels is None else int(channels)
+    if not 1 <= c <= c_all:
+        raise ValueError(f"channels must be in [1, {c_all}], got {channels}")
+    if not use_ext("unpatchify", impl, y.device):
+        return unpatchify_ref(y, p, height, width, c).contiguous()
+    return torch.ops.dit_kernels.unpatchify(y.contiguous(), p, height, width, c)
