@@ -1,0 +1,43 @@
+"""Shared test utilities: one tolerance table, one verbose comparison, device parametrisation."""
+import pytest
+import torch
+
+# dtype -> (fwd atol, fwd rtol, grad atol, grad rtol); widen an entry only with a comment saying why.
+TOLERANCES = {
+    torch.float64: (1e-7, 1e-7, 1e-7, 1e-7),
+    torch.float32: (1e-5, 1.3e-6, 1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-3, 2e-2, 1e-2),
+    torch.bfloat16: (5e-2, 1.6e-2, 1e-1, 2e-2),
+}
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def devices():
+    """cpu always; cuda when a GPU is present."""
+    return ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def assert_close(actual, expected, atol, rtol, name="tensor"):
+    """torch.testing.assert_close with a message giving max/mean error and the first mismatches."""
+    actual = actual.detach()
+    expected = expected.detach().to(actual.dtype)
+    try:
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=False)
+    except AssertionError:
+        diff = (actual.double() - expected.double()).abs()
+        bad = (diff > atol + rtol * expected.double().abs()) | torch.isnan(actual.double())
+        idx = bad.nonzero()[:5].tolist()
+        rows = [f"  {tuple(i)}: got {actual[tuple(i)].item():.6g} expected {expected[tuple(i)].item():.6g}" for i in idx]
+        raise AssertionError(
+            f"{name}: max abs diff {diff.max().item():.3g}, mean {diff.mean().item():.3g}, "
+            f"{int(bad.sum())} of {bad.numel()} mismatches\n" + "\n".join(rows)
+        ) from None
+
+
+def assert_lowp_close(fast, ref32, ref_lowp, atol, name="tensor"):
+    """Low-precision rule: max|fast - ref32| <= 2 * max|ref_lowp - ref32| + atol."""
+    err_fast = (fast.double() - ref32.double()).abs().max().item()
+    err_ref = (ref_lowp.double() - ref32.double()).abs().max().item()
+    assert err_fast <= 2 * err_ref + atol, f"{name}: kernel error {err_fast:.3g} > 2 x reference error {err_ref:.3g} + {atol}"
