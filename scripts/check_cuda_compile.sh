@@ -17,7 +17,7 @@ for f in "$@"; do
   "$CUDA_HOME/bin/nvcc" -c "$f" -o "$OUTDIR/$(basename "$f").o" \
     -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" -I"$PY_INC" -I"$SITE/nvidia/cu13/include" -Icsrc \
     -DWITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI=1 \
-    -gencode arch=compute_$ARCH,code=sm_$ARCH --expt-relaxed-constexpr --use_fast_math -O3 -std=c++17 \
+    -gencode arch=compute_$ARCH,code=sm_$ARCH --expt-relaxed-constexpr --use_fast_math -O3 -std=c++20 \
     -Xcompiler -fPIC ${NVCC_FLAGS:-}
 done
 rm -rf "$OUTDIR"
