@@ -1,0 +1,200 @@
+"""Fused ops vs their references: `pytest benchmarks --benchmark-only`.
+
+Providers: `ref` (the eager PyTorch reference, in the input dtype as the DiT code runs it),
+`ref_compiled` (torch.compile of the same reference, the honest competitor) and `kernel`
+(the compiled dit_kernels op). Modes: `fwd` and `fwd_bwd`. Each record carries GB/s from the
+op's minimal bytes and the fraction of the card's measured copy bandwidth in extra_info.
+
+GPU shapes: DiT-XL/2 @ 256 px training (N=256, T=256, D=1152, bf16), MaskDiT-XL/2 tokens
+(K=128), patchify at the latent (256, 4, 32, 32, p=2) and pixel (64, 3, 256, 256, p=16) shapes.
+CPU shapes are small so the run takes minutes.
+"""
+import functools
+
+import pytest
+import torch
+
+import dit_kernels as dk
+from dit_kernels._ext import has_kernel
+
+from common import DEVICE, ON_CUDA, SMOKE, record, run, time_fn
+
+# ---- shapes (derived from the model registry: DiT-XL/2 @ 256 px) -------------------------------
+if ON_CUDA:
+    DTYPE = torch.bfloat16
+    N, T, D, K = 256, 256, 1152, 128
+    PATCH_SHAPES = {"latent": (256, 4, 32, 32, 2), "pixel": (64, 3, 256, 256, 16)}
+else:
+    DTYPE = torch.float32
+    N, T, D, K = 2, 64, 384, 32
+    PATCH_SHAPES = {"latent": (4, 4, 32, 32, 2), "pixel": (1, 3, 64, 64, 16)}
+
+PROVIDERS = ["ref", "ref_compiled", "kernel"]
+MODES = ["fwd", "fwd_bwd"]
+
+
+def _rand(*shape, dtype=DTYPE, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE, dtype=torch.float32) * scale).to(dtype)
+
+
+def _modulation(n, d, parts=6):
+    """(N, parts*D) adaLN output chunked into strided (N, D) views, as the model produces them."""
+    return _rand(n, parts * d, scale=0.1).chunk(parts, dim=1)
+
+
+# ---- op table: inputs, reference, kernel, minimal bytes ------------------------------------------
+def _mln_case():
+    x = _rand(N, T, D)
+    shift, scale = _modulation(N, D)[:2]
+    e = x.element_size()
+    act = N * T * D * e
+    mod = 2 * N * D * e
+    stats = 2 * N * T * 4
+    return dict(
+        inputs=(x, shift, scale),
+        ref=lambda x, s, c: dk.modulated_layer_norm_ref(x, s, c, upcast=False),
+        kernel=lambda x, s, c: dk.modulated_layer_norm(x, s, c, impl="ext"),
+        op="modulated_layer_norm",
+        bytes_fwd=2 * act + mod + stats,  # read x, write y
+        bytes_fwd_bwd=5 * act + 3 * mod + 2 * stats,  # + read dy, x; write dx
+    )
+
+
+def _gr_case():
+    x, y = _rand(N, T, D), _rand(N, T, D)
+    gate = _modulation(N, D)[2]
+    act = N * T * D * x.element_size()
+    return dict(
+        inputs=(x, y, gate),
+        ref=lambda x, y, g: dk.gated_residual_ref(x, y, g, upcast=False),
+        kernel=lambda x, y, g: dk.gated_residual(x, y, g, impl="ext"),
+        op="gated_residual",
+        bytes_fwd=3 * act,  # read x, y; write out
+        bytes_fwd_bwd=6 * act,  # + read dout, y; write dy (dx is dout itself)
+    )
+
+
+def _grmln_case():
+    x, y = _rand(N, T, D), _rand(N, T, D)
+    mods = _modulation(N, D)
+    act = N * T * D * x.element_size()
+    return dict(
+        inputs=(x, y, mods[2], mods[3], mods[4]),
+        ref=lambda x, y, g, s, c: dk.gated_residual_modulated_layer_norm_ref(x, y, g, s, c, upcast=False),
+        kernel=lambda x, y, g, s, c: dk.gated_residual_modulated_layer_norm(x, y, g, s, c, impl="ext"),
+        op="gated_residual_modulated_layer_norm",
+        bytes_fwd=4 * act,  # read x, y; write x_new, h
+        bytes_fwd_bwd=10 * act,  # + read dx_new, dh, x_new, y; write dx, dy
+    )
+
+
+def _patchify_case(which):
+    n, c, h, w, p = PATCH_SHAPES[which]
+    x = _rand(n, c, h, w)
+    nbytes = x.numel() * x.element_size()
+    return dict(
+        inputs=(x,),
+        ref=lambda x: dk.patchify_ref(x, p).contiguous(),
+        kernel=lambda x: dk.patchify(x, p, impl="ext"),
+        op="patchify",
+        bytes_fwd=2 * nbytes,
+        bytes_fwd_bwd=4 * nbytes,
+    )
+
+
+def _unpatchify_case(which):
+    n, c, h, w, p = PATCH_SHAPES[which]
+    c_all = 2 * c if which == "latent" else c  # DiT's learned-sigma head emits 2C channels
+    y = _rand(n, (h // p) * (w // p), p * p * c_all)
+    nbytes = y.numel() * y.element_size()
+    return dict(
+        inputs=(y,),
+        ref=lambda y: dk.unpatchify_ref(y, p, h, w).contiguous(),
+        kernel=lambda y: dk.unpatchify(y, p, h, w, impl="ext"),
+        op="unpatchify",
+        bytes_fwd=2 * nbytes,
+        bytes_fwd_bwd=4 * nbytes,
+    )
+
+
+def _gather_case():
+    x = _rand(N, T, D)
+    ids_keep, _, _ = dk.random_token_mask(N, T, K, device=DEVICE)
+    row = D * x.element_size()
+    return dict(
+        inputs=(x, ids_keep),
+        ref=dk.gather_tokens_ref,
+        kernel=lambda x, i: dk.gather_tokens(x, i, impl="ext"),
+        op="gather_tokens",
+        bytes_fwd=2 * N * K * row,  # read kept rows, write them
+        bytes_fwd_bwd=3 * N * K * row + N * T * row,  # + read dout, write dx (zeros included)
+    )
+
+
+def _scatter_case():
+    kept = _rand(N, K, D)
+    token = _rand(D)
+    ids_keep, _, _ = dk.random_token_mask(N, T, K, device=DEVICE)
+    row = D * kept.element_size()
+    return dict(
+        inputs=(kept, ids_keep, token),
+        ref=lambda k, i, f: dk.scatter_tokens_ref(k, i, f, T),
+        kernel=lambda k, i, f: dk.scatter_tokens(k, i, f, length=T, impl="ext"),
+        op="scatter_tokens",
+        bytes_fwd=N * K * row + N * T * row,  # read kept, write all rows
+        bytes_fwd_bwd=2 * N * K * row + 2 * N * T * row,  # + read dout, write dkept
+    )
+
+
+CASES = {
+    "modulated_layer_norm": _mln_case,
+    "gated_residual": _gr_case,
+    "gated_residual_modulated_layer_norm": _grmln_case,
+    "patchify[latent]": functools.partial(_patchify_case, "latent"),
+    "patchify[pixel]": functools.partial(_patchify_case, "pixel"),
+    "unpatchify[latent]": functools.partial(_unpatchify_case, "latent"),
+    "unpatchify[pixel]": functools.partial(_unpatchify_case, "pixel"),
+    "gather_tokens": _gather_case,
+    "scatter_tokens": _scatter_case,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(case_name):
+    return torch.compile(CASES[case_name]()["ref"])
+
+
+def _make_step(case, case_name, provider, mode):
+    fn = {"ref": case["ref"], "kernel": case["kernel"]}.get(provider) or _compiled(case_name)
+    inputs = case["inputs"]
+    if mode == "fwd":
+        return lambda: fn(*inputs)
+    leaves = [t.detach().requires_grad_(True) if t.is_floating_point() else t for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+    diff = [t for t in leaves if t.requires_grad]
+
+    def step():
+        out = fn(*leaves)
+        out = out if isinstance(out, tuple) else (out,)
+        torch.autograd.grad(out, diff, grads)
+
+    return step
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_op(benchmark, case_name, provider, mode):
+    case = CASES[case_name]()
+    if provider == "kernel" and not has_kernel(case["op"], DEVICE):
+        pytest.skip(f"no compiled {case['op']} kernel for {DEVICE}")
+    if provider == "ref_compiled" and SMOKE:
+        pytest.skip("smoke run: compile provider skipped")
+    benchmark.group = f"{case_name}:{mode}"
+    step = _make_step(case, case_name, provider, mode)
+    seconds = time_fn(step, warmup=3, rounds=30 if ON_CUDA else 5)
+    record(benchmark, case_name, provider, mode, seconds, nbytes=case[f"bytes_{mode}"],
+           dtype=str(DTYPE).replace("torch.", ""), shape=dict(N=N, T=T, D=D, K=K))
+    run(benchmark, step)

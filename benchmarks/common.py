@@ -1,0 +1,102 @@
+"""Benchmark helpers: device facts, robust timing, copy bandwidth, result records.
+
+Timing: warm-up rounds (compile excluded), then timed rounds with a device sync, median with
+p20/p80. GB/s come from the op's minimal bytes (each input read once, each output written once).
+Shapes come from the model registry (DiT-XL/2 @ 256 px -> T = 256, D = 1152) on CUDA, and small
+shapes on CPU so that `pytest benchmarks --benchmark-only` finishes in minutes.
+"""
+import functools
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+SMOKE = os.environ.get("DIT_BENCH_SMOKE", "0") == "1"  # CI: one quick round, no compile provider
+
+
+def sync():
+    if ON_CUDA:
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, warmup=3, rounds=20):
+    """Median, p20, p80 seconds of fn() over `rounds` calls (CUDA events on GPU)."""
+    if SMOKE:
+        warmup, rounds = 1, 1
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(rounds):
+        if ON_CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return statistics.median(times), q(0.2), q(0.8)
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbps():
+    """Measured device-to-device copy bandwidth (read + write bytes / time), the ceiling for
+    memory-bound ops on this card."""
+    n = (1 << 28) if ON_CUDA else (1 << 24)  # 512 MiB / 32 MiB of bf16
+    src = torch.empty(n, dtype=torch.bfloat16, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    med, _, _ = time_fn(lambda: dst.copy_(src), warmup=5, rounds=30)
+    return 2 * src.numel() * src.element_size() / med / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def device_info():
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        rev = ""
+    return {
+        "device": torch.cuda.get_device_name() if ON_CUDA else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "git": rev,
+    }
+
+
+def record(benchmark, name, provider, mode, seconds, nbytes=None, flops=None, **extra):
+    """Attach roofline figures to the pytest-benchmark record and return them."""
+    med, p20, p80 = seconds
+    info = dict(device_info(), op=name, provider=provider, mode=mode, median_ms=med * 1e3,
+                p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, **extra)
+    if nbytes is not None:
+        info["GB/s"] = nbytes / med / 1e9
+        if not SMOKE:
+            info["copy_GB/s"] = copy_bandwidth_gbps()
+            info["frac_of_copy"] = info["GB/s"] / info["copy_GB/s"]
+    if flops is not None:
+        info["TFLOP/s"] = flops / med / 1e12
+    benchmark.extra_info.update(info)
+    return info
+
+
+def run(benchmark, fn):
+    """Let pytest-benchmark time fn too (its table), with a device sync per call."""
+
+    def call():
+        fn()
+        sync()
+
+    rounds, warmup = (1, 0) if SMOKE else ((10, 2) if ON_CUDA else (3, 1))
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=warmup)

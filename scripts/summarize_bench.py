@@ -1,0 +1,34 @@
+"""Print a markdown table from a pytest-benchmark JSON written by `pytest benchmarks`."""
+import json
+import sys
+
+
+def main(path):
+    with open(path) as f:
+        data = json.load(f)
+    rows = {}
+    meta = None
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if "op" not in info:
+            continue
+        meta = meta or info
+        key = (info["op"], info["mode"])
+        rows.setdefault(key, {})[info["provider"]] = info
+    if meta:
+        print(f"device: {meta['device']} | torch {meta['torch']} | CUDA {meta['cuda']} | git {meta['git']}")
+        if "copy_GB/s" in meta:
+            print(f"measured copy bandwidth: {meta['copy_GB/s']:.0f} GB/s")
+    print("| op | mode | ref GB/s | ref_compiled GB/s | kernel GB/s | kernel/compiled | kernel frac of copy |")
+    print("|---|---|---|---|---|---|---|")
+    fmt = lambda v, spec=".3g": format(v, spec) if v else "-"  # noqa: E731
+    for (op, mode), prov in sorted(rows.items()):
+        g = {p: prov[p].get("GB/s") for p in prov}
+        ratio = g["kernel"] / g["ref_compiled"] if g.get("kernel") and g.get("ref_compiled") else None
+        frac = prov.get("kernel", {}).get("frac_of_copy")
+        cells = [op, mode, fmt(g.get("ref")), fmt(g.get("ref_compiled")), fmt(g.get("kernel")),
+                 fmt(ratio, ".2f") + ("x" if ratio else ""), fmt(frac, ".2f")]
+        print("| " + " | ".join(cells) + " |")
+
+if __name__ == "__main__":
+    main(sys.argv[1])
