@@ -1,0 +1,153 @@
+"""Loading DiT / SiT checkpoints (models.md §10-§11).
+
+Accepted inputs:
+- a raw state_dict (the released DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt, SiT-XL-2-256x256.pt);
+- the training container {"model", "ema", "opt", "args"} written by DiT/SiT train.py (and ours),
+  whose "args" may be a pickled argparse.Namespace;
+- a path to either, always loaded with map_location="cpu" (loading onto the GPU first can OOM);
+- keys prefixed by "module." (DDP, Accelerate) or "_orig_mod." (torch.compile) are stripped.
+"""
+import os
+import pickle
+import re
+
+import torch
+
+__all__ = ["load_checkpoint", "read_checkpoint", "select_state_dict", "infer_config_from_state_dict"]
+
+_PREFIXES = ("module.", "_orig_mod.")
+_CONTAINER_KEYS = ("ema", "model", "state_dict")
+
+
+def read_checkpoint(path_or_state):
+    """Load a checkpoint file onto the CPU (or pass a dict through unchanged)."""
+    if not isinstance(path_or_state, (str, os.PathLike)):
+        return path_or_state
+    try:
+        return torch.load(path_or_state, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # DiT/SiT train.py store `args` as an argparse.Namespace, which the safe weights_only
+        # unpickler rejects. Only load files you trust this way.
+        return torch.load(path_or_state, map_location="cpu", weights_only=False)
+
+
+def _is_container(obj):
+    return isinstance(obj, dict) and any(k in obj and isinstance(obj[k], dict) for k in _CONTAINER_KEYS)
+
+
+def _strip_prefixes(state_dict):
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def select_state_dict(checkpoint, which="auto"):
+    """Pick the weights out of a raw state_dict or a {"model", "ema", ...} container.
+
+    which: "ema" (sampling), "model" (resume training), or "auto" ("ema" when present, else "model").
+    A raw state_dict is returned for any `which`. Prefixes "module." / "_orig_mod." are stripped.
+    """
+    if which not in ("ema", "model", "auto"):
+        raise ValueError(f"which must be 'ema', 'model' or 'auto', got {which!r}")
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"expected a state_dict or a checkpoint dict, got {type(checkpoint).__name__}")
+    if _is_container(checkpoint):
+        if which == "auto":
+            key = next(k for k in _CONTAINER_KEYS if isinstance(checkpoint.get(k), dict))
+        elif isinstance(checkpoint.get(which), dict):
+            key = which
+        else:
+            raise KeyError(f"checkpoint has no {which!r} weights; it holds keys {sorted(checkpoint)}")
+        checkpoint = checkpoint[key]
+    return _strip_prefixes(checkpoint)
+
+
+def _hint(key):
+    if key == "pos_embed":
+        return "pos_embed holds one row per token: the checkpoint was trained at another resolution (build the model with the matching input_size)"
+    if key.startswith("final_layer.linear"):
+        return "final_layer.linear has p*p*C_out rows: learn_sigma (C_out = 2C) or patch size differs; see infer_config_from_state_dict"
+    if key.startswith("y_embedder"):
+        return "the label table has num_classes (+1 null row when class_dropout_prob > 0) rows: num_classes or class_dropout_prob differs"
+    if key.startswith("x_embedder"):
+        return "the patch embedding differs: patch size, in_channels or hidden size"
+    return "the model configuration (size / depth / hidden size) differs from the checkpoint's"
+
+
+def load_checkpoint(path_or_state, model, which="auto", strict=True):
+    """Load DiT/SiT weights into `model`.
+
+    Args:
+        path_or_state: file path, raw state_dict or {"model", "ema", "opt", "args"} container.
+        model: the module (a DDP / torch.compile wrapper is unwrapped).
+        which: "ema" | "model" | "auto" (see select_state_dict).
+        strict: passed to load_state_dict (missing / unexpected keys raise).
+    Returns:
+        The loaded checkpoint object (the container, e.g. for "opt" and "args" on resume).
+    Raises:
+        ValueError naming the first mismatching key, both shapes and the likely cause.
+    """
+    checkpoint = read_checkpoint(path_or_state)
+    state_dict = select_state_dict(checkpoint, which)
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model._orig_mod
+    own = model.state_dict()
+    for k, v in state_dict.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}. Hint: {_hint(k)}"
+            )
+    result = model.load_state_dict(state_dict, strict=strict)
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        import warnings
+
+        warnings.warn(f"load_checkpoint: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")
+    return checkpoint
+
+
+_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # registry head counts by hidden size
+_SIZES = {(12, 384): "S", (12, 768): "B", (24, 1024): "L", (28, 1152): "XL"}
+
+
+def infer_config_from_state_dict(state_dict):
+    """Infer constructor arguments from a DiT/SiT state_dict (or container; "ema" is preferred).
+
+    Returns a dict with input_size, patch_size, in_channels, hidden_size, depth, mlp_ratio,
+    learn_sigma, num_classes, num_heads (None if D is not a registry width) and size_name
+    ("XL/2"-style; prefix "DiT-" or "SiT-" for the registries; None if not a registry size). num_classes assumes the label table has the
+    null row (class_dropout_prob > 0), as in every released file.
+    """
+    sd = select_state_dict(state_dict, "auto")
+    w = sd["x_embedder.proj.weight"]  # (D, C, p, p)
+    hidden, in_channels, p = w.shape[0], w.shape[1], w.shape[2]
+    tokens = sd["pos_embed"].shape[1]
+    grid = int(round(tokens**0.5))
+    if grid * grid != tokens:
+        raise ValueError(f"pos_embed has {tokens} tokens, not a square grid; pass input_size explicitly")
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    out_features = sd["final_layer.linear.weight"].shape[0]
+    c_out = out_features // (p * p)
+    if c_out not in (in_channels, 2 * in_channels):
+        raise ValueError(f"final_layer.linear has {out_features} rows, not p*p*C or p*p*2C for p={p}, C={in_channels}")
+    table = sd.get("y_embedder.embedding_table.weight")
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden if depth > 0 else 4.0
+    size = _SIZES.get((depth, hidden))
+    return {
+        "input_size": grid * p,
+        "patch_size": p,
+        "in_channels": in_channels,
+        "hidden_size": hidden,
+        "depth": depth,
+        "num_heads": _HEADS.get(hidden),
+        "mlp_ratio": mlp_ratio,
+        "learn_sigma": c_out == 2 * in_channels,
+        "num_classes": 0 if table is None else table.shape[0] - 1,
+        "size_name": f"{size}/{p}" if size else None,
+    }
