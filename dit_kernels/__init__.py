@@ -19,4 +19,9 @@ from .ops.tokens import (  # noqa: F401
     scatter_tokens,
     scatter_tokens_ref,
 )
-from .ops.sde_step import sde_euler_maruyama_step, sde_euler_maruyama_step_ref  # noqa: F401
+from .ops.sde_step import (  # noqa: F401
+    sde_euler_maruyama_step,
+    sde_euler_maruyama_step_ref,
+    sde_euler_maruyama_step_table,
+    sde_euler_maruyama_step_table_ref,
+)
