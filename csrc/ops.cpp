@@ -54,9 +54,10 @@ TORCH_LIBRARY(dit_kernels, m) {
   m.def("gather_tokens(Tensor x, Tensor ids_keep) -> Tensor");  // (N,T,D), (N,K) int64 -> (N,K,D)
   m.def("_gather_tokens_backward(Tensor grad, Tensor ids_keep, int length) -> Tensor");  // -> (N,T,D)
   // scatter_tokens: kept (N,K,D) at ids_keep, every other row from fill: (D,) broadcast or (N,T,D)
-  m.def("scatter_tokens(Tensor kept, Tensor ids_keep, Tensor fill) -> Tensor");
-  // -> dkept (N,K,D); dfill: (D,) fp32-accumulated sum over filled rows, or (N,T,D) grad*mask
-  m.def("_scatter_tokens_backward(Tensor grad, Tensor ids_keep, Tensor fill) -> (Tensor, Tensor)");
+  // fill (D,) or (N,T,D) (unit inner stride), dtype of kept or float32; length = T -> (N,T,D) kept.dtype
+  m.def("scatter_tokens(Tensor kept, Tensor ids_keep, Tensor fill, int length) -> Tensor");
+  // -> dkept (N,K,D); dfill in fill_dtype: (D,) fp32-accumulated sum over filled rows, or (N,T,D) grad*mask
+  m.def("_scatter_tokens_backward(Tensor grad, Tensor ids_keep, bool fill_per_token, ScalarType fill_dtype) -> (Tensor, Tensor)");
 
   // ---- SDE Euler-Maruyama step with fused CFG and in-kernel noise -------------------
   // x (B,C,H,W); out (B or 2B, C_out, H, W) [cond; uncond]; returns (x_next, x_mean).
