@@ -1,49 +1,35 @@
 // CPU kernels for modulated LayerNorm: y = (x - mean) * rstd * (1 + scale[n]) + shift[n].
-// Parallel over rows (n, t) in the forward and over samples n in the backward, where the
-// per-sample sums d_shift[n] = sum_t dy, d_scale[n] = sum_t dy * xhat run in a fixed order
-// (deterministic). Statistics: two-pass mean/variance in fp32 (fp64 for double inputs).
-#include <ATen/Parallel.h>
-
+//
+// Forward: parallel over rows (n, t); two-pass fp32 statistics (fp64 for double).
+// Backward: phase 1 parallel over rows computes the two row means of the LN input
+// gradient; phase 2 parallel over (sample, feature block) writes dx and the per-sample
+// sums d_shift[n] = sum_t dy, d_scale[n] = sum_t dy * xhat, each a sequential loop over t
+// (deterministic, independent of the thread count).
+//
+// Layout: x, dy (N, T, D) unit inner stride, any (N, T) strides; shift, scale (N, D) any
+// row stride (0 = shared), unit inner stride, dtype x.dtype or fp32; mean, rstd (N, T) fp32.
 #include <vector>
 
-#include "../common.h"
+#include "modulated_layer_norm_cpu.h"
 
 namespace {
+
+using namespace dit_cpu;
 
 template <typename scalar_t, typename mod_t>
 void mln_forward_cpu_impl(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps,
                           at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
-  using acc = acc_t<scalar_t>;
-  const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const int64_t T = x.size(1), D = x.size(2);
+  const auto xr = rows_of<scalar_t>(x);
+  const auto sh = mod_rows_of<mod_t>(shift);
+  const auto sc = mod_rows_of<mod_t>(scale);
   scalar_t* yp = y.data_ptr<scalar_t>();
-  const mod_t* shp = shift.data_ptr<mod_t>();
-  const mod_t* scp = scale.data_ptr<mod_t>();
-  const int64_t sh_stride = shift.stride(0), sc_stride = scale.stride(0);
   float* mp = mean.data_ptr<float>();
   float* rp = rstd.data_ptr<float>();
-  at::parallel_for(0, N * T, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0) * T, row_grain(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / T;
-      const scalar_t* xr = xp + r * D;
-      acc sum = 0;
-      for (int64_t d = 0; d < D; ++d) sum += static_cast<acc>(xr[d]);
-      const acc mu = sum / D;
-      acc var = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        const acc c = static_cast<acc>(xr[d]) - mu;
-        var += c * c;
-      }
-      const acc rs = acc(1) / std::sqrt(var / D + static_cast<acc>(eps));
-      mp[r] = static_cast<float>(mu);
-      rp[r] = static_cast<float>(rs);
-      const mod_t* sh = shp + n * sh_stride;
-      const mod_t* sc = scp + n * sc_stride;
-      scalar_t* yr = yp + r * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const acc xhat = (static_cast<acc>(xr[d]) - mu) * rs;
-        yr[d] = static_cast<scalar_t>(xhat * (acc(1) + static_cast<acc>(sc[d])) + static_cast<acc>(sh[d]));
-      }
+      const int64_t n = r / T, t = r % T;
+      mln_row_forward<scalar_t, mod_t>(xr.row(n, t), sh.row(n), sc.row(n), D, eps, yp + r * D, mp + r, rp + r);
     }
   });
 }
@@ -54,69 +40,69 @@ void mln_backward_cpu_impl(const at::Tensor& dy, const at::Tensor& x, const at::
                            at::Tensor& dscale) {
   using acc = acc_t<scalar_t>;
   const int64_t N = x.size(0), T = x.size(1), D = x.size(2);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* dyp = dy.data_ptr<scalar_t>();
-  scalar_t* dxp = dx.data_ptr<scalar_t>();
-  const mod_t* scp = scale.data_ptr<mod_t>();
-  const int64_t sc_stride = scale.stride(0);
+  const auto xr = rows_of<scalar_t>(x);
+  const auto dyr = rows_of<scalar_t>(dy);
+  const auto sc = mod_rows_of<mod_t>(scale);
   const float* mp = mean.data_ptr<float>();
   const float* rp = rstd.data_ptr<float>();
+  std::vector<acc> coefs(2 * N * T);
+  mln_backward_row_coefs<scalar_t, mod_t>(dyr, xr, sc, mp, rp, N, T, D, coefs.data());
+
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
   mod_t* dshp = dshift.data_ptr<mod_t>();
   mod_t* dscp = dscale.data_ptr<mod_t>();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> dsh(D), dsc(D);
-    for (int64_t n = begin; n < end; ++n) {
-      std::fill(dsh.begin(), dsh.end(), acc(0));
-      std::fill(dsc.begin(), dsc.end(), acc(0));
-      const mod_t* sc = scp + n * sc_stride;
+  const int64_t nblk = (D + kDBlock - 1) / kDBlock;
+  at::parallel_for(0, N * nblk, 1, [&](int64_t begin, int64_t end) {
+    acc dsh[kDBlock], dsc[kDBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / nblk, d0 = (task % nblk) * kDBlock, d1 = std::min(D, d0 + kDBlock);
+      std::fill(dsh, dsh + kDBlock, acc(0));
+      std::fill(dsc, dsc + kDBlock, acc(0));
+      const mod_t* s = sc.row(n);
       for (int64_t t = 0; t < T; ++t) {
         const int64_t r = n * T + t;
-        const scalar_t* xr = xp + r * D;
-        const scalar_t* dyr = dyp + r * D;
-        const acc mu = mp[r], rs = rp[r];
-        acc mean_g = 0, mean_gx = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          const acc xhat = (static_cast<acc>(xr[d]) - mu) * rs;
-          const acc g = static_cast<acc>(dyr[d]) * (acc(1) + static_cast<acc>(sc[d]));
-          mean_g += g;
-          mean_gx += g * xhat;
-          dsh[d] += static_cast<acc>(dyr[d]);
-          dsc[d] += static_cast<acc>(dyr[d]) * xhat;
-        }
-        mean_g /= D;
-        mean_gx /= D;
-        scalar_t* dxr = dxp + r * D;
-        for (int64_t d = 0; d < D; ++d) {
-          const acc xhat = (static_cast<acc>(xr[d]) - mu) * rs;
-          const acc g = static_cast<acc>(dyr[d]) * (acc(1) + static_cast<acc>(sc[d]));
-          dxr[d] = static_cast<scalar_t>(rs * (g - mean_g - xhat * mean_gx));
+        const scalar_t* xrow = xr.row(n, t);
+        const scalar_t* dyrow = dyr.row(n, t);
+        scalar_t* dxrow = dxp + r * D;
+        const acc mu = mp[r], rs = rp[r], c1 = coefs[2 * r], c2 = coefs[2 * r + 1];
+        for (int64_t d = d0; d < d1; ++d) {
+          const acc xhat = (static_cast<acc>(xrow[d]) - mu) * rs;
+          const acc g0 = static_cast<acc>(dyrow[d]);
+          const acc g = g0 * (acc(1) + static_cast<acc>(s[d]));
+          dxrow[d] = static_cast<scalar_t>(rs * (g - c1 - xhat * c2));
+          dsh[d - d0] += g0;
+          dsc[d - d0] += g0 * xhat;
         }
       }
-      for (int64_t d = 0; d < D; ++d) {
-        dshp[n * D + d] = static_cast<mod_t>(dsh[d]);
-        dscp[n * D + d] = static_cast<mod_t>(dsc[d]);
+      for (int64_t d = d0; d < d1; ++d) {
+        dshp[n * D + d] = static_cast<mod_t>(dsh[d - d0]);
+        dscp[n * D + d] = static_cast<mod_t>(dsc[d - d0]);
       }
     }
   });
 }
 
+// x: (N, T, D) float, unit inner stride; shift, scale: (N, D), same dtype, any row stride.
 void check_mln_inputs(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
   DIT_CHECK_FLOAT(x);
   DIT_CHECK_DIM(x, 3, "(N, T, D)");
-  TORCH_CHECK(x.is_contiguous(), "x must be contiguous (N, T, D)");
+  DIT_CHECK_LAST_CONTIGUOUS(x);
   DIT_CHECK_MOD(shift, x.size(0), x.size(2));
   DIT_CHECK_MOD(scale, x.size(0), x.size(2));
-  TORCH_CHECK(shift.scalar_type() == scale.scalar_type(), "shift and scale must share a dtype");
+  TORCH_CHECK(shift.scalar_type() == scale.scalar_type(), "shift and scale must share a dtype, got ",
+              shift.scalar_type(), " and ", scale.scalar_type());
   DIT_CHECK_SAME_DEVICE(x, shift);
   DIT_CHECK_SAME_DEVICE(x, scale);
 }
 
 }  // namespace
 
+// x: (N, T, D); shift, scale: (N, D). Returns y (N, T, D) contiguous in x.dtype and the
+// fp32 row statistics mean, rstd (N, T).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_cpu(const at::Tensor& x, const at::Tensor& shift,
                                                                         const at::Tensor& scale, double eps) {
   check_mln_inputs(x, shift, scale);
-  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   auto mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
   auto rstd = at::empty_like(mean);
   if (x.numel() == 0) return {y, mean, rstd};
@@ -125,23 +111,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_cpu(const at
   return {y, mean, rstd};
 }
 
+// grad_y, x: (N, T, D) unit inner stride; scale: (N, D); mean, rstd: (N, T) fp32.
+// Returns dx (N, T, D) in x.dtype, dshift and dscale (N, D) in scale.dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_backward_cpu(const at::Tensor& grad_y,
                                                                                  const at::Tensor& x,
                                                                                  const at::Tensor& scale,
                                                                                  const at::Tensor& mean,
                                                                                  const at::Tensor& rstd) {
+  DIT_CHECK_FLOAT(x);
   DIT_CHECK_DIM(x, 3, "(N, T, D)");
+  DIT_CHECK_LAST_CONTIGUOUS(x);
   DIT_CHECK_MOD(scale, x.size(0), x.size(2));
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
-              "grad_y must match x in shape and dtype");
-  auto dy = grad_y.contiguous();
-  auto xc = x.contiguous();
-  auto dx = at::empty_like(xc);
+              "grad_y must match x in shape and dtype, got ", grad_y.sizes(), " ", grad_y.scalar_type(), " vs ",
+              x.sizes(), " ", x.scalar_type());
+  DIT_CHECK_LAST_CONTIGUOUS(grad_y);
+  for (const auto* s : {&mean, &rstd}) {
+    TORCH_CHECK(s->scalar_type() == at::kFloat && s->dim() == 2 && s->size(0) == x.size(0) &&
+                    s->size(1) == x.size(1),
+                "mean and rstd must be float32 (N, T) = (", x.size(0), ", ", x.size(1), "), got ", s->sizes(), " ",
+                s->scalar_type());
+  }
+  DIT_CHECK_SAME_DEVICE(x, grad_y);
+  DIT_CHECK_SAME_DEVICE(x, scale);
+  auto dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   auto dshift = at::zeros({x.size(0), x.size(2)}, scale.options());
   auto dscale = at::zeros({x.size(0), x.size(2)}, scale.options());
   if (x.numel() == 0) return {dx, dshift, dscale};
+  auto mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   DIT_DISPATCH_MOD_TYPE(x.scalar_type(), scale.scalar_type(), "modulated_layer_norm_backward_cpu", [&] {
-    mln_backward_cpu_impl<scalar_t, mod_t>(dy, xc, scale, mean.contiguous(), rstd.contiguous(), dx, dshift, dscale);
+    mln_backward_cpu_impl<scalar_t, mod_t>(grad_y, x, scale, mean_c, rstd_c, dx, dshift, dscale);
   });
   return {dx, dshift, dscale};
 }

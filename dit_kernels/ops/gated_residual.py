@@ -7,8 +7,8 @@ Reductions (d_gate, d_shift, d_scale, LN statistics) in fp32; outputs in x.dtype
 import torch
 
 from .._checks import check_float, check_rank, check_same_device, per_sample
-from .._ext import use_ext
-from .modulated_layer_norm import modulated_layer_norm_ref
+from .._ext import HAS_EXT, use_ext
+from .modulated_layer_norm import _check_mod_fake, _forbid_double_backward, modulated_layer_norm_ref
 
 __all__ = [
     "gated_residual",
@@ -86,3 +86,95 @@ def gated_residual_modulated_layer_norm(x, y, gate, shift, scale, eps=1e-6, impl
         x, y, gate_nd, shift_nd, scale_nd, float(eps)
     )
     return x_new, h
+
+
+def _grad(g):
+    """Upstream gradient as the kernels read it (unit inner stride; expanded grads materialised)."""
+    return None if g is None else g.contiguous()
+
+
+if HAS_EXT:
+
+    def _check_pair_fake(x, y, y_name="y"):
+        torch._check(x.dim() == 3, lambda: "x must be (N, T, D)")
+        torch._check(y.shape == x.shape, lambda: f"{y_name} must have the shape of x")
+        torch._check(y.dtype == x.dtype, lambda: f"{y_name} must have the dtype of x")
+        torch._check(y.device == x.device, lambda: f"{y_name} is on {y.device} but x is on {x.device}")
+
+    def _rows_like(x):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    # ---- gated_residual ------------------------------------------------------------------
+
+    @torch.library.register_fake("dit_kernels::gated_residual")
+    def _(x, y, gate):
+        _check_pair_fake(x, y)
+        _check_mod_fake(x, "gate", gate)
+        return _rows_like(x)
+
+    @torch.library.register_fake("dit_kernels::_gated_residual_backward")
+    def _(grad_out, y, gate):
+        _check_pair_fake(y, grad_out, "grad_out")
+        _check_mod_fake(y, "gate", gate)
+        return _rows_like(y), gate.new_empty((y.shape[0], y.shape[2]))
+
+    def _gr_setup_context(ctx, inputs, output):
+        _, y, gate = inputs
+        ctx.save_for_backward(y, gate)
+
+    def _gr_backward(ctx, grad_out):
+        need_x, need_y, need_gate = ctx.needs_input_grad
+        if grad_out is None:
+            return None, None, None
+        dy = dgate = None
+        if need_y or need_gate:
+            y, gate = ctx.saved_tensors
+            dy, dgate = torch.ops.dit_kernels._gated_residual_backward(_grad(grad_out), y, gate)
+        return (grad_out if need_x else None, dy if need_y else None, dgate if need_gate else None)
+
+    torch.library.register_autograd("dit_kernels::gated_residual", _gr_backward, setup_context=_gr_setup_context)
+    _forbid_double_backward("dit_kernels::_gated_residual_backward")
+
+    # ---- gated_residual_modulated_layer_norm -------------------------------------------------
+
+    @torch.library.register_fake("dit_kernels::gated_residual_modulated_layer_norm")
+    def _(x, y, gate, shift, scale, eps):
+        _check_pair_fake(x, y)
+        _check_mod_fake(x, "gate", gate)
+        _check_mod_fake(x, "shift", shift, like=gate)
+        _check_mod_fake(x, "scale", scale, like=gate)
+        n, t, _ = x.shape
+        stats = x.new_empty((n, t), dtype=torch.float32)
+        return _rows_like(x), _rows_like(x), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("dit_kernels::_gated_residual_modulated_layer_norm_backward")
+    def _(grad_x_new, grad_h, x_new, y, gate, scale, mean, rstd):
+        _check_pair_fake(x_new, y)
+        for name, g in (("grad_x_new", grad_x_new), ("grad_h", grad_h)):
+            if g is not None:
+                _check_pair_fake(x_new, g, name)
+        _check_mod_fake(x_new, "gate", gate)
+        _check_mod_fake(x_new, "scale", scale, like=gate)
+        nd = (x_new.shape[0], x_new.shape[2])
+        return _rows_like(x_new), _rows_like(x_new), gate.new_empty(nd), gate.new_empty(nd), gate.new_empty(nd)
+
+    def _grmln_setup_context(ctx, inputs, output):
+        _, y, gate, _, scale, _ = inputs
+        x_new, _, mean, rstd = output
+        ctx.save_for_backward(x_new, y, gate, scale, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def _grmln_backward(ctx, grad_x_new, grad_h, _grad_mean, _grad_rstd):
+        need = ctx.needs_input_grad  # (x, y, gate, shift, scale, eps)
+        if (grad_x_new is None and grad_h is None) or not any(need[:5]):
+            return None, None, None, None, None, None
+        x_new, y, gate, scale, mean, rstd = ctx.saved_tensors
+        grads = torch.ops.dit_kernels._gated_residual_modulated_layer_norm_backward(
+            _grad(grad_x_new), _grad(grad_h), x_new, y, gate, scale, mean, rstd
+        )  # dx, dy, dgate, dshift, dscale
+        return tuple(g if n else None for g, n in zip(grads, need[:5])) + (None,)
+
+    torch.library.register_autograd(
+        "dit_kernels::gated_residual_modulated_layer_norm", _grmln_backward, setup_context=_grmln_setup_context
+    )
+    _forbid_double_backward("dit_kernels::_gated_residual_modulated_layer_norm_backward")

@@ -54,18 +54,50 @@ def modulated_layer_norm(x, shift, scale, eps=1e-6, impl="auto"):
     return y
 
 
+def _forbid_double_backward(qualname):
+    """Give backward op `qualname` an autograd formula that raises: the first backward may run
+    with create_graph=True, but differentiating through it again fails loudly instead of
+    silently returning no (or wrong) second-order gradients."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{qualname}: double backward (differentiating a gradient of a dit_kernels op) is not "
+            "supported; use impl='ref' for higher-order gradients"
+        )
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
+def _check_mod_fake(x, name, t, like=None):
+    """Fake-tensor checks of an (N, D) modulation tensor against x (N, T, D)."""
+    n, _, d = x.shape
+    torch._check(t.dim() == 2 and t.shape[0] == n and t.shape[1] == d, lambda: f"{name} must be (N, D) = ({n}, {d})")
+    torch._check(t.device == x.device, lambda: f"{name} is on {t.device} but x is on {x.device}")
+    torch._check(
+        t.dtype in (x.dtype, torch.float32), lambda: f"{name} must have x's dtype {x.dtype} or float32, got {t.dtype}"
+    )
+    if like is not None:
+        torch._check(t.dtype == like.dtype, lambda: f"modulation tensors must share a dtype, got {t.dtype}, {like.dtype}")
+
+
 if HAS_EXT:
 
     @torch.library.register_fake("dit_kernels::modulated_layer_norm")
     def _(x, shift, scale, eps):
         torch._check(x.dim() == 3, lambda: "x must be (N, T, D)")
-        n, t, d = x.shape
-        torch._check(shift.shape == (n, d) and scale.shape == (n, d), lambda: "shift/scale must be (N, D)")
+        _check_mod_fake(x, "shift", shift)
+        _check_mod_fake(x, "scale", scale, like=shift)
+        n, t, _ = x.shape
         stats = x.new_empty((n, t), dtype=torch.float32)
-        return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
+        return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
     @torch.library.register_fake("dit_kernels::_modulated_layer_norm_backward")
     def _(grad_y, x, scale, mean, rstd):
+        torch._check(x.dim() == 3 and grad_y.shape == x.shape, lambda: "grad_y must match x (N, T, D)")
+        _check_mod_fake(x, "scale", scale)
         n, _, d = x.shape
         return (
             torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -80,15 +112,16 @@ if HAS_EXT:
         ctx.mark_non_differentiable(mean, rstd)
 
     def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        x, scale, mean, rstd = ctx.saved_tensors
-        if grad_y is None:
+        need_x, need_shift, need_scale, _ = ctx.needs_input_grad
+        if grad_y is None or not (need_x or need_shift or need_scale):
             return None, None, None, None
+        x, scale, mean, rstd = ctx.saved_tensors
         dx, dshift, dscale = torch.ops.dit_kernels._modulated_layer_norm_backward(
             grad_y.contiguous(), x, scale, mean, rstd
         )
-        need_x, need_shift, need_scale, _ = ctx.needs_input_grad
         return (dx if need_x else None, dshift if need_shift else None, dscale if need_scale else None, None)
 
     torch.library.register_autograd(
         "dit_kernels::modulated_layer_norm", _backward, setup_context=_setup_context
     )
+    _forbid_double_backward("dit_kernels::_modulated_layer_norm_backward")

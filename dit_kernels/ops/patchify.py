@@ -8,7 +8,8 @@ unpatchify (output layout, as the DiT final linear emits features (a, b, c)):
 import torch
 
 from .._checks import check_float, check_rank
-from .._ext import use_ext
+from .._ext import HAS_EXT, use_ext
+from .modulated_layer_norm import _forbid_double_backward
 
 __all__ = ["patchify", "patchify_ref", "unpatchify", "unpatchify_ref"]
 
@@ -91,3 +92,72 @@ def unpatchify(y, patch_size, height, width, channels=None, impl="auto"):
     if not use_ext("unpatchify", impl, y.device):
         return unpatchify_ref(y, p, height, width, c).contiguous()
     return torch.ops.dit_kernels.unpatchify(y.contiguous(), p, height, width, c)
+
+
+if HAS_EXT:
+
+    @torch.library.register_fake("dit_kernels::patchify")
+    def _(x, patch_size):
+        p = patch_size
+        torch._check(x.dim() == 4, lambda: "x must be (N, C, H, W)")
+        torch._check(p >= 1, lambda: f"patch_size must be >= 1, got {p}")
+        n, c, hh, ww = x.shape
+        torch._check(hh % p == 0 and ww % p == 0, lambda: f"patch_size {p} must divide H and W")
+        return x.new_empty((n, (hh // p) * (ww // p), c * p * p))
+
+    @torch.library.register_fake("dit_kernels::_patchify_backward")
+    def _(grad, patch_size, height, width):
+        p = patch_size
+        torch._check(grad.dim() == 3, lambda: "grad must be (N, T, C*p*p)")
+        torch._check(p >= 1 and height % p == 0 and width % p == 0, lambda: "patch_size must divide height and width")
+        torch._check(grad.shape[1] == (height // p) * (width // p), lambda: "grad has the wrong number of tokens")
+        torch._check(grad.shape[2] % (p * p) == 0, lambda: "grad's last dim must be a multiple of p*p")
+        return grad.new_empty((grad.shape[0], grad.shape[2] // (p * p), height, width))
+
+    @torch.library.register_fake("dit_kernels::unpatchify")
+    def _(y, patch_size, height, width, channels):
+        p = patch_size
+        torch._check(y.dim() == 3, lambda: "y must be (N, T, p*p*C)")
+        torch._check(p >= 1 and height % p == 0 and width % p == 0, lambda: "patch_size must divide height and width")
+        torch._check(y.shape[1] == (height // p) * (width // p), lambda: "y has the wrong number of tokens")
+        torch._check(y.shape[2] % (p * p) == 0, lambda: "y's last dim must be a multiple of p*p")
+        torch._check(1 <= channels and channels <= y.shape[2] // (p * p), lambda: "channels out of range")
+        return y.new_empty((y.shape[0], channels, height, width))
+
+    @torch.library.register_fake("dit_kernels::_unpatchify_backward")
+    def _(grad, patch_size, all_channels):
+        p = patch_size
+        torch._check(grad.dim() == 4, lambda: "grad must be (N, C, H, W)")
+        n, c, hh, ww = grad.shape
+        torch._check(p >= 1 and hh % p == 0 and ww % p == 0, lambda: "patch_size must divide H and W")
+        torch._check(all_channels >= c, lambda: "all_channels must be >= grad's channels")
+        return grad.new_empty((n, (hh // p) * (ww // p), p * p * all_channels))
+
+    def _patchify_setup_context(ctx, inputs, output):
+        x, patch_size = inputs
+        ctx.patch_size = patch_size
+        ctx.hw = (x.shape[2], x.shape[3])
+
+    def _patchify_backward(ctx, grad):
+        if grad is None or not ctx.needs_input_grad[0]:
+            return None, None
+        dx = torch.ops.dit_kernels._patchify_backward(grad.contiguous(), ctx.patch_size, *ctx.hw)
+        return dx, None
+
+    def _unpatchify_setup_context(ctx, inputs, output):
+        y, patch_size, _, _, _ = inputs
+        ctx.patch_size = patch_size
+        ctx.all_channels = y.shape[2] // (patch_size * patch_size)
+
+    def _unpatchify_backward(ctx, grad):
+        if grad is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        dy = torch.ops.dit_kernels._unpatchify_backward(grad.contiguous(), ctx.patch_size, ctx.all_channels)
+        return dy, None, None, None, None
+
+    torch.library.register_autograd("dit_kernels::patchify", _patchify_backward, setup_context=_patchify_setup_context)
+    torch.library.register_autograd(
+        "dit_kernels::unpatchify", _unpatchify_backward, setup_context=_unpatchify_setup_context
+    )
+    _forbid_double_backward("dit_kernels::_patchify_backward")
+    _forbid_double_backward("dit_kernels::_unpatchify_backward")
