@@ -318,12 +318,12 @@ class MaskDiT(EncoderDecoderDiT):
         """Bridge outputs of the kept tokens (N, K, Dd) -> length-T sequence with mask tokens elsewhere."""
         N, K, Dd = x.shape
         T = ids_restore.shape[1]
-        mask_token = self.mask_token.to(x.dtype)
         if self.fused:
             # out[n, ids_keep[n, k]] = x[n, k]; mask_token at every removed position (one row-scatter).
-            return dit_kernels.scatter_tokens(x, ids_keep, mask_token, length=T)  # (N, T, Dd)
+            # The fp32 token goes in as is: its gradient (a sum over N (T - K) rows) accumulates in fp32.
+            return dit_kernels.scatter_tokens(x, ids_keep, self.mask_token, length=T)  # (N, T, Dd)
         # Reference: append T - K mask tokens after the kept ones, then un-shuffle with ids_restore.
-        x = torch.cat([x, mask_token.expand(N, T - K, Dd)], dim=1)  # (N, T, Dd) shuffled order
+        x = torch.cat([x, self.mask_token.to(x.dtype).expand(N, T - K, Dd)], dim=1)  # (N, T, Dd) shuffled order
         return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))  # (N, T, Dd)
 
     def network(self, x_in, c_noise, class_labels, ids_keep=None, ids_restore=None):
