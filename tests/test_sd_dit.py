@@ -193,3 +193,24 @@ def test_inference_uses_all_tokens_and_samples():
     assert not torch.allclose(no_cls(x, sigma, y), D)  # [CLS] takes part in encoder attention
     out = edm_sampler(model, torch.randn(2, 4, 8, 8), y, cfg_scale=1.5, num_steps=2)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_autocast_training(fused):
+    model = tiny(fused=fused)
+    x, y = batch(4)
+    ref = SDDiTLoss(center_momentum=1.0)(model, x, y, step=0, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = SDDiTLoss(center_momentum=1.0)(model, x, y, step=0, generator=torch.Generator().manual_seed(0))
+    for k in ("gen", "dis"):
+        assert out[k].dtype == torch.float32
+        assert (out[k] - ref[k]).abs().max().item() < 0.05 * ref[k].abs().max().item() + 1e-3, k
+    out["loss"].mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_unconditional():
+    model = tiny(num_classes=0)
+    x, _ = batch(2)
+    out = SDDiTLoss()(model, x, None, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]).all() and model.y_embedder is None and model.teacher.y_embedder is None

@@ -430,7 +430,7 @@ def maskdit_loss_terms(D_yn, y, yn, sigma, mask, patch_size, sigma_data=SIGMA_DA
     # One value per token (row-major): mean over channels, then average-pool each p x p patch.
     per_token = F.avg_pool2d(e.mean(dim=1, keepdim=True), patch_size, patch_size).flatten(1)  # (N, T)
     visible = 1 - mask
-    dsm = (per_token * visible).sum(1) / visible.sum(1)
+    dsm = (per_token * visible).sum(1) / visible.sum(1).clamp_min(1)
 
     target = patchify_output_layout(yn, patch_size)  # (N, T, p*p*C)
     mean = target.mean(dim=-1, keepdim=True)
