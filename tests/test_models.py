@@ -433,3 +433,38 @@ def test_infer_config_from_state_dict():
     assert (cfg["learn_sigma"], cfg["num_classes"], cfg["input_size"], cfg["depth"]) == (False, 3, 8, 2)
     rebuilt = DiT(**{k: v for k, v in cfg.items() if k not in ("size_name", "num_heads")}, num_heads=4)
     load_checkpoint(tiny.state_dict(), rebuilt)
+
+
+# -----------------------------------------------------------------------------------------------
+# Patch embedding / unpatchify equivalences and kernel use
+
+
+def test_patch_embed_gemm_and_unpatchify_layouts():
+    import dit_kernels
+
+    model = _tiny(input_size=12)
+    x = torch.randn(2, 4, 12, 8)
+    conv = model.x_embedder(x, fused=False)  # (N, T, D)
+    gemm = model.x_embedder(x, fused=True)
+    assert_close(gemm, conv, atol=1e-5, rtol=1e-5, name="patch embed")
+    y = torch.randn(2, 24, 2 * 2 * 8)
+    assert torch.equal(model.unpatchify(y, 12, 8), dit_kernels.unpatchify(y, 2, 12, 8))
+    assert torch.equal(dit_kernels.unpatchify(y, 2, 12, 8, channels=4), model.unpatchify(y, 12, 8)[:, :4])
+    # output layout: out[n, c, i*p + a, j*p + b] = y[n, i*w + j, (a*p + b)*C_out + c]
+    out = model.unpatchify(y, 12, 8)
+    n, c, i, j, a, b = 1, 5, 3, 2, 1, 0
+    assert out[n, c, i * 2 + a, j * 2 + b] == y[n, i * 4 + j, (a * 2 + b) * 8 + c]
+
+
+def test_fused_path_uses_compiled_ops():
+    import dit_kernels
+
+    needed = ("modulated_layer_norm", "gated_residual_modulated_layer_norm", "patchify", "unpatchify")
+    if not all(dit_kernels.has_kernel(op, "cpu") for op in needed):
+        pytest.skip("compiled CPU kernels not built")
+    model = _tiny()
+    x, t, y = _inputs()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x, t, y)
+    names = {e.name for e in prof.events()}
+    assert {f"dit_kernels::{op}" for op in needed} <= names
