@@ -7,12 +7,16 @@ def main(path):
     with open(path) as f:
         data = json.load(f)
     rows = {}
+    model_rows = []
     meta = None
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
         if "op" not in info:
             continue
         meta = meta or info
+        if info["provider"] in ("train_step", "sample"):
+            model_rows.append(info)
+            continue
         key = (info["op"], info["mode"])
         rows.setdefault(key, {})[info["provider"]] = info
     if meta:
@@ -29,6 +33,14 @@ def main(path):
         cells = [op, mode, fmt(g.get("ref")), fmt(g.get("ref_compiled")), fmt(g.get("kernel")),
                  fmt(ratio, ".2f") + ("x" if ratio else ""), fmt(frac, ".2f")]
         print("| " + " | ".join(cells) + " |")
+    if model_rows:
+        print()
+        print("| benchmark | mode | images/s | s/image | peak GiB |")
+        print("|---|---|---|---|---|")
+        for info in model_rows:
+            cells = [info["op"], info["mode"], fmt(info.get("images_per_s")), fmt(info.get("seconds_per_image")),
+                     fmt(info.get("peak_mem_GiB"))]
+            print("| " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main(sys.argv[1])
