@@ -1,0 +1,544 @@
+"""SiT samplers: probability-flow ODE, reverse SDE and ODE likelihood (diffusion_transport.md B6-B8).
+
+Drop-in for the public SiT `Sampler`: `Sampler(transport).sample_ode(...)`, `.sample_sde(...)` and
+`.sample_ode_likelihood(...)` return callables `fn(x, model, **model_kwargs)`, and the public idiom
+`samples = sample_fn(z, model_fn, **model_kwargs)[-1]` keeps working. Differences from the public
+code (diffusion_transport.md D1), all deliberate:
+
+* One network evaluation per drift evaluation (D1#1): the network output is turned into v and s with
+  the affine B5 conversions (Transport.drift_coeffs), f = v + D * s. Euler-Maruyama uses the fused
+  dit_kernels.sde_euler_maruyama_step with host-side fp64 coefficients (kernels.md 2.5).
+* The time grid and every coefficient are computed once on the host in fp64; the loop does no
+  host<->device traffic and no sync; noise comes from a torch.Generator on the state's device (D1#2).
+* The returned list holds only the final state unless return_trajectory=True (D1#3). With
+  return_trajectory=True: SDE -> num_steps states (after each step, as SiT), ODE -> num_steps
+  states including the start (as torchdiffeq).
+* Diffusion form "increasing-decreasing" is accepted, as is SiT's misspelling (D1#4); SBDM never
+  starts at a singular t = 0 (D1#5, see Transport.check_interval); "Tweedie" is per sample (D1#7).
+* Likelihood: one forward per function evaluation and one Hutchinson probe per solve, from data to
+  log p (nats) and bits/dim (D1#8).
+* Classifier-free guidance, two ways (D1#9):
+    - public: model = model.forward_with_cfg on a 2B state [z; z], kwargs y = [y; y_null] and
+      cfg_scale; the sampler treats it as an ordinary model (keep the first B rows at the end);
+    - efficient: sample_sde(..., cfg_scale=w, guided_channels=None) (also sample_ode) with a B-row
+      state and model = model.forward: each evaluation runs model(cat[x, x], t, y=cat[y, y_null])
+      and guidance is applied inside the fused step (or before the drift for ODE / Heun). y_null is
+      `null_label` if given, else model.num_classes (or model.y_embedder.num_classes, also through
+      a bound method's owner). guided_channels=None guides all C channels; 3 reproduces the public
+      3-channel quirk (D2#10). Only the `y` keyword is doubled; other keywords pass unchanged.
+* reverse=True (and the likelihood) run the same interval [t0, t1] backwards, t1 -> t0. SiT maps
+  the interval to (1 - t0, 1 - t1) instead; that is identical for Linear and GVP (symmetric
+  intervals) and avoids the singular t = 1 of VP.
+* cuda_graph=True (fixed-step methods, CUDA only): the whole loop is captured once per input
+  signature and replayed; same generator state -> same samples as eager (see cuda_graph.py). On the
+  CPU, or for adaptive solvers, it is ignored with a warning.
+"""
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from dit_kernels import sde_euler_maruyama_step
+
+from .cuda_graph import LoopGraph
+from .transport import ModelType
+
+__all__ = ["Sampler", "LikelihoodResult", "diffusion_coefficient", "DIFFUSION_FORMS"]
+
+DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
+_FORM_ALIASES = {"inccreasing-decreasing": "increasing-decreasing"}  # the public code's spelling
+SDE_METHODS = ("euler", "heun")
+ODE_FIXED_METHODS = ("euler", "heun", "midpoint", "rk4")
+_ODE_ALIASES = {"heun2": "heun"}  # torchdiffeq's name for the same (trapezoidal) method
+LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
+
+
+def _norm_form(form):
+    f = str(form)
+    f = _FORM_ALIASES.get(f.lower(), f)
+    for name in DIFFUSION_FORMS:
+        if name.lower() == f.lower():
+            return name
+    raise ValueError(f"unknown diffusion_form {form!r}; choose one of {DIFFUSION_FORMS}")
+
+
+def diffusion_coefficient(form, path, t, norm=1.0):
+    """D(t) of the SDE dX = [v + D s] dt + sqrt(2 D) dW (B7); t = 1 is data.
+
+    constant: norm; SBDM: norm * drift_var(t); sigma: norm * sigma_t; linear: norm * (1 - t);
+    decreasing: (norm * cos(pi t) + 1)^2 / 4; increasing-decreasing: norm * sin(pi t)^2.
+    """
+    form = _norm_form(form)
+    if form == "constant":
+        return torch.full_like(t, norm)
+    if form == "SBDM":
+        return norm * path.drift_var(t)
+    if form == "sigma":
+        return norm * path.sigma_t(t)
+    if form == "linear":
+        return norm * (1 - t)
+    if form == "decreasing":
+        return 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2
+    return norm * torch.sin(math.pi * t) ** 2
+
+
+class LikelihoodResult(NamedTuple):
+    """Output of sample_ode_likelihood: log p(x) in nats (N,), bits per dimension (N,), latent z."""
+
+    logp: torch.Tensor
+    bpd: torch.Tensor
+    z: torch.Tensor
+
+
+def _torchdiffeq(method):
+    try:
+        import torchdiffeq
+    except ImportError as e:
+        raise ImportError(
+            f"sampling_method={method!r} needs torchdiffeq (pip install torchdiffeq); without it use one of "
+            f"the built-in fixed-step methods {ODE_FIXED_METHODS}") from e
+    return torchdiffeq
+
+
+def _resolve_null_label(model, null_label):
+    if null_label is not None:
+        return int(null_label)
+    for obj in (model, getattr(model, "__self__", None)):
+        if obj is None:
+            continue
+        n = getattr(obj, "num_classes", None)
+        if n is None:
+            n = getattr(getattr(obj, "y_embedder", None), "num_classes", None)
+        if n is not None:
+            return int(n)
+    raise ValueError("cfg_scale != 1 needs the null (unconditional) label: pass null_label=... to the sampler "
+                     "or use a model with a num_classes attribute (null label = num_classes)")
+
+
+def _lin(x, a, o, b):
+    """a * x + b * o for host floats a, b (o cast to x's dtype)."""
+    o = o.to(x.dtype)
+    if a == 0:
+        return o * b
+    return (o * b).add_(x, alpha=a)
+
+
+class _SampleFn:
+    """Shared machinery: host time grid -> device time table, network call with optional CFG."""
+
+    def __init__(self, transport, times, cfg_scale=1.0, guided_channels=None, null_label=None, generator=None,
+                 cuda_graph=False, return_trajectory=False):
+        self.transport = transport
+        self.times = list(times)  # host floats; row r of the device time table is times[r]
+        self.cfg_scale = float(cfg_scale)
+        self.cfg = self.cfg_scale != 1.0
+        self.guided_channels = guided_channels
+        self.null_label = null_label
+        self.generator = generator
+        self.cuda_graph = cuda_graph
+        self.return_trajectory = return_trajectory
+        self.nfe = 0  # network evaluations of the last eager call (for tests and benchmarks)
+        self._graph = LoopGraph()
+        self._tables = {}
+
+    def reset_cuda_graph(self):
+        """Free the captured graph (it is kept to be replayed by the next call with the same inputs)."""
+        self._graph.reset()
+
+    # ------------------------------------------------------------------ network
+
+    def _time_table(self, n, device, dtype):
+        key = (n, device, dtype)
+        if key not in self._tables:
+            tab = torch.tensor(self.times, dtype=torch.float64).to(dtype)[:, None].expand(len(self.times), n)
+            self._tables[key] = tab.contiguous().to(device)
+        return self._tables[key]
+
+    def _prepare(self, x, model, model_kwargs):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError("x must be a floating-point tensor")
+        if self.cfg:
+            if "y" not in model_kwargs:
+                raise ValueError("cfg_scale != 1 needs the class labels as keyword y")
+            model_kwargs = dict(model_kwargs, y_null=_resolve_null_label(model, self.null_label))
+        n_net = x.shape[0] * (2 if self.cfg else 1)
+        tdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return model_kwargs, self._time_table(n_net, x.device, tdtype)
+
+    @staticmethod
+    def _net_kwargs(kw, cfg):
+        """Split off y_null and build the 2B label batch [y; y_null] (inside the loop: graph-capturable)."""
+        kw = dict(kw)
+        if cfg:
+            y_null = kw.pop("y_null")
+            y = kw["y"]
+            kw["y"] = torch.cat([y, torch.full_like(y, y_null)])
+        return kw
+
+    def _forward(self, model, x, t_row, kw):
+        """Raw network output: (B, C_out, ...) or, with CFG, (2B, C_out, ...) laid out [cond; uncond]."""
+        self.nfe += 1
+        xin = torch.cat([x, x]) if self.cfg else x
+        return model(xin, t_row, **kw)
+
+    def _guide(self, out, x):
+        """First C channels of the output with CFG applied: (B, C, ...) in x's dtype."""
+        b, c = x.shape[:2]
+        o = out[:, :c].to(x.dtype)
+        if not self.cfg:
+            return o
+        cond, uncond = o[:b], o[b:]
+        guided = uncond + self.cfg_scale * (cond - uncond)
+        g = c if self.guided_channels is None else min(int(self.guided_channels), c)
+        return guided if g == c else torch.cat([guided[:, :g], cond[:, g:]], dim=1)
+
+    def _model_out(self, model, x, t_row, kw):
+        return self._guide(self._forward(model, x, t_row, kw), x)
+
+    # ------------------------------------------------------------------ entry point
+
+    def __call__(self, x, model, **model_kwargs):
+        """Run the sampler from x (B, C, H, W); returns a list (see module docstring)."""
+        model_kwargs, table = self._prepare(x, model, model_kwargs)
+        self.nfe = 0
+
+        def loop(x_, kw_, max_steps=None):
+            return self._loop(x_, model, kw_, table, max_steps)
+
+        if self.cuda_graph and self._graph_ok(x):
+            with torch.no_grad():
+                return self._graph.run(loop, x, model, model_kwargs, self.generator)
+        with torch.no_grad():
+            return loop(x, model_kwargs)
+
+    def _graph_ok(self, x):
+        if x.device.type != "cuda":
+            warnings.warn("cuda_graph=True is ignored on a non-CUDA device", stacklevel=3)
+            return False
+        return True
+
+    def _loop(self, x, model, kw, table, max_steps):
+        raise NotImplementedError
+
+
+def _check_finite(name, values):
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{name}: non-finite sampler coefficient at grid index {bad[0]} (t at a singular end of "
+                         "the path?); raise sample_eps or pick another diffusion form")
+
+
+class _ODESampleFn(_SampleFn):
+    """Fixed-step probability-flow ODE (euler, heun, midpoint, rk4) or a torchdiffeq solver."""
+
+    def __init__(self, transport, t_start, t_end, num_steps, method, atol, rtol, **kw):
+        self.method = method
+        self.num_steps = num_steps
+        self.atol, self.rtol = atol, rtol
+        grid = torch.linspace(t_start, t_end, num_steps, dtype=torch.float64)
+        self.dt = float(grid[1] - grid[0]) if num_steps > 1 else 0.0
+        times = grid
+        if method in ("midpoint", "rk4"):
+            times = torch.cat([grid, grid[:-1] + self.dt / 2])  # rows S.. are the half steps
+        super().__init__(transport, times.tolist(), **kw)
+        self.adaptive = method not in ODE_FIXED_METHODS
+        if self.adaptive:
+            self.torchdiffeq = _torchdiffeq(method)
+        a, b = transport.drift_coeffs(times)
+        self.a, self.b = a.tolist(), b.tolist()
+        _check_finite("ODE drift", self.a + self.b)
+        self.grid = grid
+
+    def _graph_ok(self, x):
+        if self.adaptive:
+            warnings.warn(f"cuda_graph=True is ignored for the adaptive solver {self.method!r}", stacklevel=3)
+            return False
+        return super()._graph_ok(x)
+
+    def _drift(self, model, x, table, row, kw):
+        return _lin(x, self.a[row], self._model_out(model, x, table[row], kw), self.b[row])
+
+    def _loop(self, x, model, kw, table, max_steps):
+        kw = self._net_kwargs(kw, self.cfg)
+        if self.adaptive:
+            return self._adaptive(x, model, kw, table)
+        s, dt = self.num_steps, self.dt
+        traj = [x] if self.return_trajectory else None
+        steps = s - 1 if max_steps is None else min(max_steps, s - 1)
+        for k in range(steps):
+            k1 = self._drift(model, x, table, k, kw)
+            if self.method == "euler":
+                x = x + dt * k1
+            elif self.method == "heun":
+                k2 = self._drift(model, x + dt * k1, table, k + 1, kw)
+                x = x + (dt / 2) * (k1 + k2)
+            elif self.method == "midpoint":
+                x = x + dt * self._drift(model, x + (dt / 2) * k1, table, s + k, kw)
+            else:  # classic fourth-order Runge-Kutta
+                k2 = self._drift(model, x + (dt / 2) * k1, table, s + k, kw)
+                k3 = self._drift(model, x + (dt / 2) * k2, table, s + k, kw)
+                k4 = self._drift(model, x + dt * k3, table, k + 1, kw)
+                x = x + (dt / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+            if traj is not None:
+                traj.append(x)
+        return traj if traj is not None else [x]
+
+    def _adaptive(self, x, model, kw, table):
+        n_net = table.shape[1]
+        t_grid = self.grid.to(device=x.device, dtype=table.dtype)
+
+        def f(t, x_):
+            a, b = self.transport.drift_coeffs(t.reshape(1))
+            out = self._model_out(model, x_, t.reshape(1).expand(n_net).clone(), kw)
+            return a.to(x_.dtype) * x_ + b.to(x_.dtype) * out
+
+        traj = self.torchdiffeq.odeint(f, x, t_grid, method=self.method, atol=self.atol, rtol=self.rtol)
+        return list(traj) if self.return_trajectory else [traj[-1]]
+
+
+class _SDESampleFn(_SampleFn):
+    """Euler-Maruyama or stochastic Heun on num_steps - 1 steps, then the last step (B7)."""
+
+    def __init__(self, transport, method, form, norm, last_step, last_step_size, num_steps, t0, t1, **kw):
+        self.method = method
+        self.num_steps = num_steps
+        self.last_step = last_step
+        grid = torch.linspace(t0, t1, num_steps, dtype=torch.float64)
+        super().__init__(transport, grid.tolist(), **kw)
+        self.dt = dt = float(grid[1] - grid[0])
+        diffusion = diffusion_coefficient(form, transport.path, grid, norm)
+        _check_finite(f"diffusion form {form!r}", diffusion.tolist())
+        a, b = transport.drift_coeffs(grid, diffusion)  # f = a x + b out at every grid time
+        self.a, self.b = a.tolist(), b.tolist()
+        # Euler-Maruyama: x_mean = (1 + a dt) x + b dt out, noise std sqrt(2 D dt) (kernels.md 2.5).
+        self.coef_x = (1 + a * dt).tolist()
+        self.coef_out = (b * dt).tolist()
+        self.noise_std = torch.sqrt(2 * diffusion * dt).tolist()
+        _check_finite("SDE drift", self.a[:-1] + self.b[:-1] + (self.a[-1:] + self.b[-1:] if method == "heun" else []))
+        # Last step at t1 with size h (identity for None).
+        t_last = grid[-1:]
+        if last_step == "Mean":
+            la, lb = transport.drift_coeffs(t_last, diffusion[-1:])
+            la, lb = 1 + la * last_step_size, lb * last_step_size
+        elif last_step == "Euler":
+            la, lb = transport.drift_coeffs(t_last)
+            la, lb = 1 + la * last_step_size, lb * last_step_size
+        elif last_step == "Tweedie":
+            la, lb = transport.tweedie_coeffs(t_last)
+        else:
+            la, lb = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        self.last_coeffs = (float(la), float(lb))
+        _check_finite(f"last step {last_step!r}", list(self.last_coeffs))
+
+    def _randn(self, x):
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+    def _em_step(self, model, x, table, k, kw, noise=None):
+        """One Euler-Maruyama step from grid index k: one network evaluation, fused CFG + update."""
+        out = self._forward(model, x, table[k], kw)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        x_next, _ = sde_euler_maruyama_step(
+            x, out, self.coef_x[k], self.coef_out[k], self.noise_std[k],
+            cfg_scale=self.cfg_scale if self.cfg else 1.0, guided_channels=self.guided_channels,
+            noise=noise, generator=self.generator)
+        return x_next
+
+    def _heun_step(self, model, x, table, k, kw, noise=None):
+        """Stochastic Heun as in SiT: noise first, then a trapezoidal drift step (two evaluations)."""
+        dt = self.dt
+        x_hat = x + self.noise_std[k] * (self._randn(x) if noise is None else noise)
+        k1 = _lin(x_hat, self.a[k], self._model_out(model, x_hat, table[k], kw), self.b[k])
+        x_p = x_hat + dt * k1
+        k2 = _lin(x_p, self.a[k + 1], self._model_out(model, x_p, table[k + 1], kw), self.b[k + 1])
+        return x_hat + (dt / 2) * (k1 + k2)
+
+    def _last(self, model, x, table, kw):
+        if self.last_step is None:
+            return x
+        la, lb = self.last_coeffs
+        return _lin(x, la, self._model_out(model, x, table[self.num_steps - 1], kw), lb)
+
+    def _loop(self, x, model, kw, table, max_steps):
+        kw = self._net_kwargs(kw, self.cfg)
+        step = self._em_step if self.method == "euler" else self._heun_step
+        traj = [] if self.return_trajectory else None
+        steps = self.num_steps - 1 if max_steps is None else min(max_steps, self.num_steps - 1)
+        for k in range(steps):
+            x = step(model, x, table, k, kw)
+            if traj is not None:
+                traj.append(x)
+        if max_steps is not None:
+            return [x]
+        x = self._last(model, x, table, kw)
+        if traj is None:
+            return [x]
+        traj.append(x)
+        return traj
+
+
+class _LikelihoodFn(_SampleFn):
+    """log p(x) by the instantaneous change of variables along the PF-ODE, data (t1) -> noise (t0)."""
+
+    def __init__(self, transport, t0, t1, num_steps, method, atol, rtol, generator=None):
+        grid = torch.linspace(t1, t0, num_steps, dtype=torch.float64)  # backwards in time
+        super().__init__(transport, grid.tolist(), generator=generator)
+        self.method, self.num_steps, self.atol, self.rtol = method, num_steps, atol, rtol
+        self.dt = float(grid[1] - grid[0])
+        self.adaptive = method not in ("euler", "heun")
+        if self.adaptive:
+            self.torchdiffeq = _torchdiffeq(method)
+        a, b = transport.drift_coeffs(grid)
+        self.a, self.b = a.tolist(), b.tolist()
+        _check_finite("likelihood drift", self.a + self.b)
+        self.grid = grid
+
+    def _v_div(self, model, x, t_row, a, b, probe, kw):
+        """Velocity and Hutchinson divergence e^T (dv/dx) e from ONE forward and one backward."""
+        self.nfe += 1
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            out = model(xr, t_row, **kw)[:, :x.shape[1]].to(x.dtype)
+            v = a * xr + b * out
+            if v.requires_grad:
+                (g,) = torch.autograd.grad(v, xr, grad_outputs=probe, allow_unused=True)
+            else:
+                g = None
+        div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) if g is None else (g * probe).flatten(1).sum(1)
+        return v.detach(), div.detach()
+
+    def __call__(self, x, model, **model_kwargs):
+        """x: (N, ...) data. Returns LikelihoodResult(logp (N,) nats, bpd (N,), z like x)."""
+        if float(model_kwargs.get("cfg_scale", 1.0)) != 1.0:
+            raise ValueError("the likelihood is only defined without guidance (cfg_scale must be 1)")
+        model_kwargs, table = self._prepare(x, model, model_kwargs)
+        self.nfe = 0
+        # One Rademacher probe per solve (fix D1#8: SiT redraws it at every function call).
+        probe = torch.randint(0, 2, x.shape, generator=self.generator, device=x.device).to(x.dtype) * 2 - 1
+        if self.adaptive:
+            z, acc = self._adaptive(x, model, model_kwargs, table, probe)
+        else:
+            z, acc = self._fixed(x, model, model_kwargs, table, probe)
+        d = x[0].numel()
+        log_prior = -0.5 * d * math.log(2 * math.pi) - 0.5 * z.flatten(1).pow(2).sum(1)
+        logp = log_prior + acc  # acc = integral over t1 -> t0 of div v = -int_{t0}^{t1} div v dt
+        return LikelihoodResult(logp, -logp / (d * math.log(2)), z)
+
+    def _fixed(self, x, model, kw, table, probe):
+        dt = self.dt
+        acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for k in range(self.num_steps - 1):
+            v1, d1 = self._v_div(model, x, table[k], self.a[k], self.b[k], probe, kw)
+            if self.method == "euler":
+                x, acc = x + dt * v1, acc + dt * d1
+            else:
+                v2, d2 = self._v_div(model, x + dt * v1, table[k + 1], self.a[k + 1], self.b[k + 1], probe, kw)
+                x, acc = x + (dt / 2) * (v1 + v2), acc + (dt / 2) * (d1 + d2)
+        return x, acc
+
+    def _adaptive(self, x, model, kw, table, probe):
+        n = table.shape[1]
+        t_grid = self.grid[[0, -1]].to(device=x.device, dtype=table.dtype)
+
+        def f(t, state):
+            a, b = self.transport.drift_coeffs(t.reshape(1))
+            v, div = self._v_div(model, state[0], t.reshape(1).expand(n).clone(), a.to(x.dtype), b.to(x.dtype),
+                                 probe, kw)
+            return v, div
+
+        acc0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        xs, accs = self.torchdiffeq.odeint(f, (x, acc0), t_grid, method=self.method, atol=self.atol, rtol=self.rtol)
+        return xs[-1], accs[-1]
+
+
+class Sampler:
+    """Samplers for a Transport; each method returns a callable fn(x, model, **model_kwargs).
+
+    Args:
+        transport: a Transport from create_transport.
+    """
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def sample_ode(self, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False,
+                   cuda_graph=False, return_trajectory=False, cfg_scale=1.0, guided_channels=None,
+                   null_label=None):
+        """Probability-flow ODE sampler (B6), noise (t0) -> data (t1), or data -> noise with reverse=True.
+
+        Args:
+            sampling_method: "euler", "heun" (alias "heun2"), "midpoint", "rk4" (built in, num_steps - 1
+                steps on linspace(t0, t1, num_steps)); any other name (default "dopri5") goes to
+                torchdiffeq.odeint, where num_steps is the number of output times.
+            num_steps, atol, rtol: as in SiT (atol/rtol only for adaptive solvers).
+            reverse: integrate t1 -> t0 (data to noise).
+            cuda_graph: capture the fixed-step loop in a CUDA graph (see module docstring).
+            return_trajectory: return all num_steps states (start included) instead of [final].
+            cfg_scale, guided_channels, null_label: efficient guidance on a B-row state (module docstring).
+        Returns:
+            fn(x, model, **model_kwargs) -> list of states (the last one is the sample).
+        """
+        method = _ODE_ALIASES.get(sampling_method.lower(), sampling_method.lower())
+        if num_steps < 2:
+            raise ValueError("num_steps must be >= 2")
+        t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
+                                               sde=False, eval=True)
+        start, end = (t1, t0) if reverse else (t0, t1)
+        return _ODESampleFn(self.transport, start, end, num_steps, method, atol, rtol, cfg_scale=cfg_scale,
+                            guided_channels=guided_channels, null_label=null_label, cuda_graph=cuda_graph,
+                            return_trajectory=return_trajectory)
+
+    def sample_sde(self, sampling_method="Euler", diffusion_form="SBDM", diffusion_norm=1.0, last_step="Mean",
+                   last_step_size=0.04, num_steps=250, cuda_graph=False, return_trajectory=False, cfg_scale=1.0,
+                   guided_channels=None, null_label=None, generator=None):
+        """Reverse-SDE sampler (B7): dX = [v + D s] dt + sqrt(2 D) dW from t0 (noise) to t1, then a last step.
+
+        Args:
+            sampling_method: "Euler" (Euler-Maruyama, fused kernel, 1 evaluation per step) or "Heun"
+                (2 evaluations per step).
+            diffusion_form: "constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"
+                (or the public misspelling "inccreasing-decreasing"); D = diffusion_norm * ... (B7).
+                SiT's CLI default, used for its reported SDE numbers, is "sigma".
+            last_step: None, "Mean" (x + f h), "Tweedie" (E[x1 | x]) or "Euler" (x + v h), at t1 = 1 - h.
+            last_step_size: h (ignored, set to 0, when last_step is None).
+            num_steps: grid points on [t0, t1]; num_steps - 1 stochastic steps plus the last step.
+            cuda_graph, return_trajectory, cfg_scale, guided_channels, null_label: see module docstring.
+            generator: torch.Generator on the state's device for the noise (default: the global one).
+        Returns:
+            fn(x, model, **model_kwargs) -> list of states (the last one is the sample).
+        """
+        method = sampling_method.lower()
+        if method not in SDE_METHODS:
+            raise ValueError(f"unknown SDE sampling_method {sampling_method!r}; choose 'Euler' or 'Heun'")
+        form = _norm_form(diffusion_form)
+        if last_step not in LAST_STEPS:
+            raise ValueError(f"unknown last_step {last_step!r}; choose one of {LAST_STEPS}")
+        if num_steps < 2:
+            raise ValueError("num_steps must be >= 2")
+        if last_step is None:
+            last_step_size = 0.0
+        t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
+                                               diffusion_form=form, sde=True, eval=True,
+                                               last_step_size=last_step_size)
+        return _SDESampleFn(self.transport, method, form, diffusion_norm, last_step, last_step_size, num_steps,
+                            t0, t1, cfg_scale=cfg_scale, guided_channels=guided_channels, null_label=null_label,
+                            generator=generator, cuda_graph=cuda_graph, return_trajectory=return_trajectory)
+
+    def sample_ode_likelihood(self, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3,
+                              generator=None):
+        """Log-likelihood of data under the PF-ODE (B8), Hutchinson trace with one probe per solve.
+
+        Args:
+            sampling_method: "euler" or "heun" (built in, num_steps grid points) or a torchdiffeq method
+                (default "dopri5"; num_steps unused).
+            generator: torch.Generator for the Rademacher probe.
+        Returns:
+            fn(x, model, **model_kwargs) -> LikelihoodResult(logp (N,) nats, bpd (N,) bits/dim, z).
+        """
+        method = _ODE_ALIASES.get(sampling_method.lower(), sampling_method.lower())
+        if num_steps < 2:
+            raise ValueError("num_steps must be >= 2")
+        t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
+                                               sde=False, eval=True)
+        return _LikelihoodFn(self.transport, t0, t1, num_steps, method, atol, rtol, generator=generator)
