@@ -330,20 +330,21 @@ class GaussianDiffusion:
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
-    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, generator=None):
         """Per-sample training losses for a batch.
 
         Args:
             model: callable (x_t, t, **model_kwargs) -> (N, C_out, H, W).
             x_start: (N, C, H, W) clean latents. t: (N,) int64 step indices.
             model_kwargs: extra model arguments, e.g. {"y": labels}.
-            noise: optional (N, C, H, W) epsilon (default: randn_like(x_start)).
+            noise: optional (N, C, H, W) epsilon (default: drawn on x_start's device, from
+                `generator` when given).
         Returns:
             {"loss": (N,), "mse": (N,), "vb": (N,)}; "vb" (bits, mean frozen: only the variance
             channels get its gradient) is present with a learned variance; KL losses return "loss" only.
         """
         if noise is None:
-            noise = torch.randn_like(x_start)
+            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
         x_t = self.q_sample(x_start, t, noise=noise)
         terms = {}
 
