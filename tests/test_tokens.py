@@ -48,7 +48,8 @@ def test_random_token_mask_invariants(device, keep):
     assert float(mask.gather(1, ids_keep).abs().sum()) == 0.0
     assert torch.equal(mask.bool(), ids_restore >= keep)
     # same generator state -> same mask; a rejected keep raises
-    ids2, _, _ = dk.random_token_mask(n, t, keep, generator=torch.Generator(device=device).manual_seed(3), device=device)
+    g2 = torch.Generator(device=device).manual_seed(3)
+    ids2, _, _ = dk.random_token_mask(n, t, keep, generator=g2, device=device)
     assert torch.equal(ids_keep, ids2)
     with pytest.raises(ValueError):
         dk.random_token_mask(n, t, t + 1)
@@ -410,3 +411,19 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     for got, want in zip(outs, step()):
         assert torch.equal(got, want)
+
+
+def test_fill_form_disambiguation():
+    d = 4
+    kept = torch.randn(1, 1, d)
+    ids = torch.tensor([[0]])
+    fill = torch.randn(1, 1, d, requires_grad=True)
+    for impl in ("ref", "auto"):
+        y = dk.scatter_tokens(kept, ids, fill, 5, impl=impl)  # (1, 1, D) + length: broadcast token
+        assert y.shape == (1, 5, d) and torch.equal(y[0, 1:], fill[0].detach().expand(4, d))
+        (g,) = torch.autograd.grad(y.sum(), fill)
+        assert g.shape == fill.shape and torch.equal(g, torch.full_like(g, 4.0))
+        assert torch.equal(dk.scatter_tokens(kept, ids, fill, impl=impl), kept)  # N = T = 1 per-token
+        kept3 = torch.randn(3, 1, d)
+        ids3 = torch.zeros(3, 1, dtype=torch.int64)
+        assert torch.equal(dk.scatter_tokens(kept3, ids3, torch.randn(3, 1, d), impl=impl), kept3)  # (N, 1, D)

@@ -66,7 +66,7 @@ def scatter_tokens_ref(kept, ids_keep, fill, length=None):
     fill: (D,) or (1, 1, D) broadcast token (then `length` = T is required), or (N, T, D).
     """
     n, k, d = kept.shape
-    if _is_per_token(fill, n):
+    if _is_per_token(fill, n, length):
         t = fill.shape[1]
         base = fill.to(kept.dtype)
     else:
@@ -78,9 +78,14 @@ def scatter_tokens_ref(kept, ids_keep, fill, length=None):
     return base.scatter(1, index, kept)  # (N, T, D)
 
 
-def _is_per_token(fill, n):
-    # (1, 1, D) is the broadcast token; with N = T = 1 both readings give the same result.
-    return fill.dim() == 3 and tuple(fill.shape[:2]) != (1, 1) and fill.shape[0] == n
+def _is_per_token(fill, n, length=None):
+    """(N, T, D) per-token fill vs (D,) / (1, 1, D) broadcast token."""
+    if fill.dim() != 3 or fill.shape[0] != n:
+        return False
+    if tuple(fill.shape[:2]) != (1, 1):
+        return True
+    # N = 1 and a (1, 1, D) fill: per-token iff T = 1 (both readings then give the same result).
+    return length is None or int(length) == 1
 
 
 def _check_ids(ids_keep, n, length):
@@ -146,7 +151,7 @@ def scatter_tokens(kept, ids_keep, fill, length=None, impl="auto"):
     check_rank("kept", kept, (3,), "(N, K, D)")
     check_same_device(kept=kept, ids_keep=ids_keep, fill=fill)
     n, _, d = kept.shape
-    per_token = _is_per_token(fill, n)
+    per_token = _is_per_token(fill, n, length)
     if per_token:
         if fill.shape[2] != d:
             raise ValueError(f"fill must be (N, T, D) with D = {d}, got {tuple(fill.shape)}")
