@@ -10,10 +10,10 @@ See sampler.py for the differences from the public SiT code (one network evaluat
 device-side noise, final state only, CUDA-graph capture, likelihood from data).
 """
 from .path import GVPPath, LinearPath, Path, VPPath  # noqa: F401
-from .sampler import DIFFUSION_FORMS, LikelihoodResult, Sampler, diffusion_coefficient  # noqa: F401
+from .sampler import DIFFUSION_FORMS, LikelihoodResult, Sampler, diffusion_coefficient, reset_cuda_graphs  # noqa: F401
 from .transport import SBDM_T0, ModelType, PathType, Transport, WeightType, create_transport, mean_flat  # noqa: F401
 
 __all__ = [
     "create_transport", "Transport", "Sampler", "LikelihoodResult", "ModelType", "PathType", "WeightType",
-    "Path", "LinearPath", "GVPPath", "VPPath", "diffusion_coefficient", "DIFFUSION_FORMS", "SBDM_T0", "mean_flat",
+    "reset_cuda_graphs", "Path", "LinearPath", "GVPPath", "VPPath", "diffusion_coefficient", "DIFFUSION_FORMS", "SBDM_T0", "mean_flat",
 ]

@@ -3,8 +3,10 @@
 Capturing the whole loop (rather than one step) lets every per-step scalar (time, coefficients,
 noise std) stay a host constant baked into the graph, so a replay runs exactly the kernels of the
 eager loop: with the same generator state the result equals eager sampling. The graph is cached
-and replayed on later calls with the same shapes, dtypes, model and keyword arguments (the inputs
-are copied into static buffers first), which is where the speed-up comes from.
+and replayed on later calls with the same sampler configuration, shapes, dtypes, model, generator
+and keyword arguments (the inputs are copied into static buffers first), which is where the
+speed-up comes from. The cache is module-wide and holds ONE graph (so a script that builds a new
+sample function per batch still replays); call reset_cuda_graphs() to free its memory pool.
 
 Random numbers: the generator (or the default CUDA generator) is saved before the warm-up step and
 restored after capture, so the replay draws the same Philox stream an eager call would. A custom
@@ -12,17 +14,17 @@ torch.Generator is registered with the graph (CUDAGraph.register_generator_state
 """
 import torch
 
-__all__ = ["LoopGraph"]
+__all__ = ["LoopGraph", "GRAPH_CACHE", "reset_cuda_graphs"]
 
 
-def _signature(x, model, kwargs):
+def _signature(config, x, model, kwargs, generator):
     owner = getattr(model, "__self__", model)
     func = getattr(model, "__func__", None)
     kw = []
     for k in sorted(kwargs):
         v = kwargs[k]
         kw.append((k, ("T", tuple(v.shape), v.dtype, v.device)) if isinstance(v, torch.Tensor) else (k, repr(v)))
-    return (tuple(x.shape), x.dtype, x.device, id(owner), func, tuple(kw))
+    return (config, tuple(x.shape), x.dtype, x.device, id(owner), func, tuple(kw), id(generator))
 
 
 class LoopGraph:
@@ -34,6 +36,7 @@ class LoopGraph:
 
     def __init__(self):
         self.key = None
+        self.keep_alive = None  # objects whose id() is in the key: they must not be recycled
         self.graph = None
         self.static_x = None
         self.static_kwargs = None
@@ -43,11 +46,13 @@ class LoopGraph:
         """Drop the captured graph and its memory pool."""
         self.__init__()
 
-    def run(self, loop, x, model, kwargs, generator=None):
-        key = _signature(x, model, kwargs)
+    def run(self, loop, x, model, kwargs, generator=None, config=None, owner=None):
+        """Replay (capturing first if the signature changed); config: hashable sampler settings."""
+        key = _signature(config, x, model, kwargs, generator)
         if key != self.key:
             self._capture(loop, x, kwargs, generator)
             self.key = key
+            self.keep_alive = (model, generator, owner)
         else:
             self.static_x.copy_(x)
             for k, v in kwargs.items():
@@ -89,3 +94,11 @@ class LoopGraph:
             generator.set_state(state)
         else:
             torch.cuda.set_rng_state(state, device)
+
+
+GRAPH_CACHE = LoopGraph()
+
+
+def reset_cuda_graphs():
+    """Free the cached sampling graph and its memory pool."""
+    GRAPH_CACHE.reset()

@@ -29,9 +29,12 @@ code (diffusion_transport.md D1), all deliberate:
 * reverse=True (and the likelihood) run the same interval [t0, t1] backwards, t1 -> t0. SiT maps
   the interval to (1 - t0, 1 - t1) instead; that is identical for Linear and GVP (symmetric
   intervals) and avoids the singular t = 1 of VP.
-* cuda_graph=True (fixed-step methods, CUDA only): the whole loop is captured once per input
-  signature and replayed; same generator state -> same samples as eager (see cuda_graph.py). On the
-  CPU, or for adaptive solvers, it is ignored with a warning.
+* cuda_graph=True (fixed-step methods, CUDA only): the whole loop is captured once and replayed;
+  same generator state -> same samples as eager (see cuda_graph.py). The graph is cached module-wide
+  (one entry) and replayed by later calls with the same configuration and input signature, even from
+  a new sample function; reset_cuda_graphs() frees it. The model must be capturable (no host syncs,
+  no CPU tensors created in forward; under autocast use cache_enabled=False). On the CPU, or for
+  adaptive solvers, it is ignored with a warning.
 """
 import math
 import warnings
@@ -41,10 +44,10 @@ import torch
 
 from dit_kernels import sde_euler_maruyama_step
 
-from .cuda_graph import LoopGraph
+from .cuda_graph import GRAPH_CACHE, reset_cuda_graphs
 from .transport import ModelType
 
-__all__ = ["Sampler", "LikelihoodResult", "diffusion_coefficient", "DIFFUSION_FORMS"]
+__all__ = ["Sampler", "LikelihoodResult", "diffusion_coefficient", "DIFFUSION_FORMS", "reset_cuda_graphs"]
 
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 _FORM_ALIASES = {"inccreasing-decreasing": "increasing-decreasing"}  # the public code's spelling
@@ -89,6 +92,16 @@ class LikelihoodResult(NamedTuple):
     logp: torch.Tensor
     bpd: torch.Tensor
     z: torch.Tensor
+
+
+# torchdiffeq's adaptive Runge-Kutta solvers may step past the last output time and interpolate back;
+# step_t makes them land exactly on it, so the network is never evaluated outside [t0, t1] (VP is
+# undefined beyond t = 1).
+_ADAPTIVE_RK = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def _odeint_options(method, t_grid):
+    return dict(options=dict(step_t=t_grid[-1:])) if method in _ADAPTIVE_RK else {}
 
 
 def _torchdiffeq(method):
@@ -139,12 +152,15 @@ class _SampleFn:
         self.cuda_graph = cuda_graph
         self.return_trajectory = return_trajectory
         self.nfe = 0  # network evaluations of the last eager call (for tests and benchmarks)
-        self._graph = LoopGraph()
         self._tables = {}
 
-    def reset_cuda_graph(self):
-        """Free the captured graph (it is kept to be replayed by the next call with the same inputs)."""
-        self._graph.reset()
+    def _config(self):
+        """Everything a captured loop bakes in, as a hashable key (see cuda_graph.py)."""
+        coeffs = tuple(tuple(v) if isinstance(v, list) else v for k, v in sorted(vars(self).items())
+                       if k in ("a", "b", "coef_x", "coef_out", "noise_std", "last_coeffs", "method", "num_steps",
+                                "last_step", "dt"))
+        return (type(self).__name__, tuple(self.times), self.cfg_scale, self.guided_channels, self.null_label,
+                self.return_trajectory, coeffs)
 
     # ------------------------------------------------------------------ network
 
@@ -208,7 +224,7 @@ class _SampleFn:
 
         if self.cuda_graph and self._graph_ok(x):
             with torch.no_grad():
-                return self._graph.run(loop, x, model, model_kwargs, self.generator)
+                return GRAPH_CACHE.run(loop, x, model, model_kwargs, self.generator, self._config(), owner=self)
         with torch.no_grad():
             return loop(x, model_kwargs)
 
@@ -293,7 +309,8 @@ class _ODESampleFn(_SampleFn):
             out = self._model_out(model, x_, t.reshape(1).expand(n_net).clone(), kw)
             return a.to(x_.dtype) * x_ + b.to(x_.dtype) * out
 
-        traj = self.torchdiffeq.odeint(f, x, t_grid, method=self.method, atol=self.atol, rtol=self.rtol)
+        traj = self.torchdiffeq.odeint(f, x, t_grid, method=self.method, atol=self.atol, rtol=self.rtol,
+                                       **_odeint_options(self.method, t_grid))
         return list(traj) if self.return_trajectory else [traj[-1]]
 
 
@@ -336,9 +353,7 @@ class _SDESampleFn(_SampleFn):
 
     def _em_step(self, model, x, table, k, kw, noise=None):
         """One Euler-Maruyama step from grid index k: one network evaluation, fused CFG + update."""
-        out = self._forward(model, x, table[k], kw)
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
+        out = self._forward(model, x, table[k], kw)  # (B or 2B, C_out, ...), any float dtype
         x_next, _ = sde_euler_maruyama_step(
             x, out, self.coef_x[k], self.coef_out[k], self.noise_std[k],
             cfg_scale=self.cfg_scale if self.cfg else 1.0, guided_channels=self.guided_channels,
@@ -421,8 +436,7 @@ class _LikelihoodFn(_SampleFn):
         else:
             z, acc = self._fixed(x, model, model_kwargs, table, probe)
         d = x[0].numel()
-        log_prior = -0.5 * d * math.log(2 * math.pi) - 0.5 * z.flatten(1).pow(2).sum(1)
-        logp = log_prior + acc  # acc = integral over t1 -> t0 of div v = -int_{t0}^{t1} div v dt
+        logp = self.transport.prior_logp(z) + acc  # acc = integral over t1 -> t0 of div v = -int_{t0}^{t1} div v dt
         return LikelihoodResult(logp, -logp / (d * math.log(2)), z)
 
     def _fixed(self, x, model, kw, table, probe):
@@ -448,7 +462,8 @@ class _LikelihoodFn(_SampleFn):
             return v, div
 
         acc0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        xs, accs = self.torchdiffeq.odeint(f, (x, acc0), t_grid, method=self.method, atol=self.atol, rtol=self.rtol)
+        xs, accs = self.torchdiffeq.odeint(f, (x, acc0), t_grid, method=self.method, atol=self.atol, rtol=self.rtol,
+                                           **_odeint_options(self.method, t_grid))
         return xs[-1], accs[-1]
 
 

@@ -6,6 +6,7 @@ pairs (a, b) meaning  quantity = a * x + b * out.  The samplers build every upda
 drift v + D * s, last steps) from these pairs with ONE network evaluation per drift (fix D1#1).
 """
 import enum
+import math
 
 import torch
 
@@ -156,6 +157,12 @@ class Transport:
             else:
                 loss = mean_flat(weight * (sigma * out + x0) ** 2)
         return {"loss": loss, "pred": out, "t": t}
+
+    @staticmethod
+    def prior_logp(z):
+        """log N(z; 0, I) per sample, in nats: -(d/2) ln(2 pi) - |z|^2 / 2 (B8)."""
+        d = z[0].numel()
+        return -0.5 * d * math.log(2 * math.pi) - 0.5 * z.flatten(1).pow(2).sum(1)
 
     # ------------------------------------------------------------------ conversions (B5)
 
