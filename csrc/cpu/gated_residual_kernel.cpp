@@ -194,7 +194,7 @@ void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b, co
   TORCH_CHECK(b.sizes() == a.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(), ", got ", b.sizes());
   TORCH_CHECK(b.scalar_type() == a.scalar_type(), b_name, " must have the dtype of ", a_name, " (", a.scalar_type(),
               "), got ", b.scalar_type());
-  TORCH_CHECK(a.size(2) <= 1 || (a.stride(2) == 1 && b.stride(2) == 1), a_name, " and ", b_name,
+  TORCH_CHECK(unit_inner_stride(a) && unit_inner_stride(b), a_name, " and ", b_name,
               " must have unit stride in their last dimension");
   TORCH_CHECK(a.device() == b.device(), a_name, " is on ", a.device(), " but ", b_name, " is on ", b.device());
 }
@@ -204,7 +204,7 @@ void check_mod(const at::Tensor& m, const char* name, const at::Tensor& x, const
   DIT_CHECK_FLOAT(m);
   TORCH_CHECK(m.dim() == 2 && m.size(0) == x.size(0) && m.size(1) == x.size(2), name, " must have shape (N, D) = (",
               x.size(0), ", ", x.size(2), "), got ", m.sizes());
-  TORCH_CHECK(m.size(1) <= 1 || m.stride(1) == 1, name, " must have unit stride in its last dimension");
+  TORCH_CHECK(unit_inner_stride(m), name, " must have unit stride in its last dimension");
   TORCH_CHECK(m.scalar_type() == like.scalar_type(), name, " must have the dtype of gate (", like.scalar_type(),
               "), got ", m.scalar_type());
   TORCH_CHECK(m.device() == x.device(), name, " is on ", m.device(), " but x is on ", x.device());

@@ -19,6 +19,9 @@ namespace dit_cpu {
 // and N = 1 still gives ceil(D / kDBlock) parallel tasks.
 constexpr int64_t kDBlock = 128;
 
+// Unit stride in the last dimension (empty tensors and D = 1 have any strides).
+inline bool unit_inner_stride(const at::Tensor& t) { return t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1; }
+
 // Rows per parallel_for task: about 16K elements each.
 inline int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)); }
 

@@ -86,7 +86,7 @@ void mln_backward_cpu_impl(const at::Tensor& dy, const at::Tensor& x, const at::
 void check_mln_inputs(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
   DIT_CHECK_FLOAT(x);
   DIT_CHECK_DIM(x, 3, "(N, T, D)");
-  DIT_CHECK_LAST_CONTIGUOUS(x);
+  TORCH_CHECK(unit_inner_stride(x), "x must have unit stride in its last dimension");
   DIT_CHECK_MOD(shift, x.size(0), x.size(2));
   DIT_CHECK_MOD(scale, x.size(0), x.size(2));
   TORCH_CHECK(shift.scalar_type() == scale.scalar_type(), "shift and scale must share a dtype, got ",
@@ -120,12 +120,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_backward_cpu
                                                                                  const at::Tensor& rstd) {
   DIT_CHECK_FLOAT(x);
   DIT_CHECK_DIM(x, 3, "(N, T, D)");
-  DIT_CHECK_LAST_CONTIGUOUS(x);
+  TORCH_CHECK(unit_inner_stride(x), "x must have unit stride in its last dimension");
   DIT_CHECK_MOD(scale, x.size(0), x.size(2));
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
               "grad_y must match x in shape and dtype, got ", grad_y.sizes(), " ", grad_y.scalar_type(), " vs ",
               x.sizes(), " ", x.scalar_type());
-  DIT_CHECK_LAST_CONTIGUOUS(grad_y);
+  TORCH_CHECK(unit_inner_stride(grad_y), "grad_y must have unit stride in its last dimension");
   for (const auto* s : {&mean, &rstd}) {
     TORCH_CHECK(s->scalar_type() == at::kFloat && s->dim() == 2 && s->size(0) == x.size(0) &&
                     s->size(1) == x.size(1),
