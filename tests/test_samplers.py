@@ -17,6 +17,7 @@ import torch
 from conftest import needs_cuda
 from dit_models.transport import Sampler, create_transport, diffusion_coefficient
 from dit_models.transport.analytic import GaussianTarget
+from dit_models.transport.cuda_graph import LoopGraph
 
 MU, STD, N, DIM = [1.0, -0.5], 0.5, 4000, 2
 MEAN_TOL, STD_TOL = 0.035 + 0.01, 0.025 + 0.01
@@ -428,6 +429,77 @@ def _cuda_graph_case(sample, cfg):
     for eager, graphed in zip(*outs):
         assert torch.isfinite(eager).all()
         torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
+
+
+class _FakeGraph:
+    """CPU stand-in for torch.cuda.CUDAGraph: replay re-runs the recorded loop into the static outputs."""
+
+    def __init__(self):
+        self.fn, self.out = None, None
+
+    def replay(self):
+        for static, new in zip(self.out, self.fn()):
+            static.copy_(new)
+
+
+class _FakeLoopGraph(LoopGraph):
+    """LoopGraph with its three CUDA pieces faked, to test caching, static inputs and RNG handling on CPU."""
+
+    captures = 0
+
+    @staticmethod
+    def _get_state(generator, device):
+        return generator.get_state() if generator is not None else torch.get_rng_state()
+
+    @staticmethod
+    def _restore(generator, state, device):
+        generator.set_state(state) if generator is not None else torch.set_rng_state(state)
+
+    @staticmethod
+    def _warmup(fn, device):
+        fn()
+
+    @staticmethod
+    def _new_graph(generator):
+        return _FakeGraph()
+
+    def _record(self, graph, fn):
+        self.captures += 1
+        graph.fn, graph.out = fn, fn()
+        return graph.out
+
+
+@pytest.mark.parametrize("kind", ["Euler", "Heun", "ode-heun"])
+def test_graph_cache_bookkeeping_with_cpu_fake(monkeypatch, kind):
+    from dit_models.transport import sampler as sampler_module
+
+    fake = _FakeLoopGraph()
+    monkeypatch.setattr(sampler_module, "GRAPH_CACHE", fake)
+    monkeypatch.setattr(sampler_module._SampleFn, "_graph_ok", lambda self, x: True)
+    torch.manual_seed(0)
+    net = _CondNet()
+    zs = [torch.randn(6, 4, 4, 4) for _ in range(3)]
+    y = torch.arange(6) % 3
+
+    def make(graph, gen, num_steps=8):
+        s = Sampler(create_transport())
+        if kind == "ode-heun":
+            return s.sample_ode("heun", num_steps=num_steps, cuda_graph=graph, cfg_scale=2.0, guided_channels=3)
+        return s.sample_sde(kind, "sigma", num_steps=num_steps, cuda_graph=graph, generator=gen, cfg_scale=2.0)
+
+    gen = torch.Generator().manual_seed(1)
+    eager_fn = make(False, gen)
+    eager = [eager_fn(z, net, y=y)[-1] for z in zs]
+    gen = torch.Generator().manual_seed(1)
+    fn = make(True, gen)
+    graphed = [fn(z, net, y=y)[-1] for z in zs[:2]]
+    graphed.append(make(True, gen)(zs[2], net, y=y)[-1])  # a new sample fn, same config: replays
+    assert fake.captures == 1
+    for e, g in zip(eager, graphed):
+        assert g.equal(e)
+    make(True, gen, num_steps=9)(zs[0], net, y=y)  # another grid: captured again
+    fn(zs[0][:3], net, y=y[:3])  # another batch size: captured again
+    assert fake.captures == 3
 
 
 @needs_cuda

@@ -66,27 +66,44 @@ class LoopGraph:
         device = x.device
         static_x = x.clone()
         static_kwargs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        state = generator.get_state() if generator is not None else torch.cuda.get_rng_state(device)
+        state = self._get_state(generator, device)
+        # Warm-up (lazy cuBLAS/cuDNN init, allocator growth) consumes random numbers: restore after it.
+        self._warmup(lambda: loop(static_x, static_kwargs, max_steps=1), device)
+        graph = self._new_graph(generator)
+        self._restore(generator, state, device)
+        static_out = self._record(graph, lambda: loop(static_x, static_kwargs))
+        # Capture does not consume random numbers, but restore anyway so replay 1 == eager call 1.
+        self._restore(generator, state, device)
+        self.graph, self.static_x, self.static_kwargs, self.static_out = graph, static_x, static_kwargs, static_out
 
-        # Warm up on a side stream (lazy cuBLAS/cuDNN init and allocator growth happen outside capture).
+    # The CUDA-specific pieces (overridden by a CPU fake in tests/test_samplers.py).
+
+    @staticmethod
+    def _get_state(generator, device):
+        return generator.get_state() if generator is not None else torch.cuda.get_rng_state(device)
+
+    @staticmethod
+    def _warmup(fn, device):
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            loop(static_x, static_kwargs, max_steps=1)
+            fn()
         torch.cuda.current_stream(device).wait_stream(side)
 
+    @staticmethod
+    def _new_graph(generator):
         graph = torch.cuda.CUDAGraph()
         if generator is not None:
             if not hasattr(graph, "register_generator_state"):
                 raise RuntimeError("cuda_graph=True with a custom generator needs CUDAGraph.register_generator_state "
                                    "(torch >= 2.5); pass generator=None to use the default CUDA generator")
             graph.register_generator_state(generator)
-        self._restore(generator, state, device)
+        return graph
+
+    @staticmethod
+    def _record(graph, fn):
         with torch.cuda.graph(graph):
-            static_out = loop(static_x, static_kwargs)
-        # Capture does not consume random numbers, but restore anyway so replay 1 == eager call 1.
-        self._restore(generator, state, device)
-        self.graph, self.static_x, self.static_kwargs, self.static_out = graph, static_x, static_kwargs, static_out
+            return fn()
 
     @staticmethod
     def _restore(generator, state, device):
