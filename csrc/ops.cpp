@@ -64,5 +64,7 @@ TORCH_LIBRARY(dit_kernels, m) {
   m.def(
       "sde_euler_maruyama_step(Tensor x, Tensor out, float coef_x, float coef_out,"
       " float noise_std, float cfg_scale, int guided_channels, Tensor? noise,"
-      " Generator? generator) -> (Tensor, Tensor)");
+      " Generator? generator) -> (Tensor, Tensor)",
+      // draws noise: the compiler must not merge or reorder two identical calls
+      {at::Tag::nondeterministic_seeded});
 }
