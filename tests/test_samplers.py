@@ -9,7 +9,6 @@ allow ~4.5 standard errors (0.035 / 0.025, max over 2 dims) plus the O(dt) Euler
 """
 import inspect
 import math
-import warnings
 
 import pytest
 import torch
@@ -269,6 +268,22 @@ def test_heun_sde_nfe_and_trajectory():
     fn = sampler.sample_sde("Heun", "sigma", num_steps=10, return_trajectory=True)
     traj = fn(_z(n=8), target)
     assert len(traj) == 10 and fn.nfe == 2 * 9 + 1
+
+
+def test_low_precision_state_is_integrated_in_fp32():
+    tr, target, sampler = _setup()
+    seen = []
+
+    def model(x, t):
+        seen.append(x.dtype)
+        return target(x.double(), t.double()).to(torch.bfloat16)  # a bf16 network
+
+    z = _z(n=64).to(torch.bfloat16)
+    x = sampler.sample_sde("Euler", "sigma", num_steps=20)(z, model)[-1]
+    assert x.dtype == torch.bfloat16 and set(seen) == {torch.float32}
+    ref = sampler.sample_ode("heun", num_steps=20)(z.float(), lambda x, t: model(x, t))[-1]
+    x = sampler.sample_ode("heun", num_steps=20)(z, model)[-1]
+    assert x.dtype == torch.bfloat16 and x.equal(ref.to(torch.bfloat16))
 
 
 def test_same_seed_same_samples():

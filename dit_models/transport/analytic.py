@@ -13,7 +13,6 @@ import math
 import torch
 
 from .path import expand_t
-from .transport import ModelType
 
 __all__ = ["GaussianTarget"]
 

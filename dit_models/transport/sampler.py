@@ -35,6 +35,8 @@ code (diffusion_transport.md D1), all deliberate:
   a new sample function; reset_cuda_graphs() frees it. The model must be capturable (no host syncs,
   no CPU tensors created in forward; under autocast use cache_enabled=False). On the CPU, or for
   adaptive solvers, it is ignored with a warning.
+* Sampling runs under torch.no_grad(); fp16/bf16 states are integrated in fp32 and cast back (the
+  network runs in its own dtype). fn.nfe counts the network evaluations of the last eager call.
 """
 import math
 import warnings
@@ -45,7 +47,6 @@ import torch
 from dit_kernels import sde_euler_maruyama_step
 
 from .cuda_graph import GRAPH_CACHE, reset_cuda_graphs
-from .transport import ModelType
 
 __all__ = ["Sampler", "LikelihoodResult", "diffusion_coefficient", "DIFFUSION_FORMS", "reset_cuda_graphs"]
 
@@ -215,18 +216,26 @@ class _SampleFn:
     # ------------------------------------------------------------------ entry point
 
     def __call__(self, x, model, **model_kwargs):
-        """Run the sampler from x (B, C, H, W); returns a list (see module docstring)."""
+        """Run the sampler from x (B, C, H, W); returns a list (see module docstring).
+
+        Runs under torch.no_grad(). The state is integrated in x's dtype, except that fp16/bf16 x is
+        integrated in fp32 (the network still runs in its own dtype) and the states are cast back.
+        """
+        in_dtype = x.dtype
+        if x.is_floating_point() and x.element_size() < 4:
+            x = x.float()
         model_kwargs, table = self._prepare(x, model, model_kwargs)
         self.nfe = 0
 
         def loop(x_, kw_, max_steps=None):
             return self._loop(x_, model, kw_, table, max_steps)
 
-        if self.cuda_graph and self._graph_ok(x):
-            with torch.no_grad():
-                return GRAPH_CACHE.run(loop, x, model, model_kwargs, self.generator, self._config(), owner=self)
         with torch.no_grad():
-            return loop(x, model_kwargs)
+            if self.cuda_graph and self._graph_ok(x):
+                out = GRAPH_CACHE.run(loop, x, model, model_kwargs, self.generator, self._config(), owner=self)
+            else:
+                out = loop(x, model_kwargs)
+        return out if in_dtype == x.dtype else [o.to(in_dtype) for o in out]
 
     def _graph_ok(self, x):
         if x.device.type != "cuda":
@@ -427,6 +436,8 @@ class _LikelihoodFn(_SampleFn):
         """x: (N, ...) data. Returns LikelihoodResult(logp (N,) nats, bpd (N,), z like x)."""
         if float(model_kwargs.get("cfg_scale", 1.0)) != 1.0:
             raise ValueError("the likelihood is only defined without guidance (cfg_scale must be 1)")
+        if x.element_size() < 4:
+            x = x.float()  # integrate fp16/bf16 data in fp32
         model_kwargs, table = self._prepare(x, model, model_kwargs)
         self.nfe = 0
         # One Rademacher probe per solve (fix D1#8: SiT redraws it at every function call).
