@@ -263,6 +263,19 @@ def test_single_evaluation_step_equals_two_evaluation_reference(path, prediction
     assert len(traj) == 25
 
 
+def test_sit_default_sde_coefficients():
+    """kernels.md 2.5 / B7: velocity + Linear + sigma form, 249 EM steps of dt = 0.96 / 249, then Mean."""
+    fn = Sampler(create_transport()).sample_sde(diffusion_form="sigma")
+    dt = 0.96 / 249
+    assert len(fn.coef_x) == 250 and fn.times[0] == 0.0 and fn.times[-1] == pytest.approx(0.96)
+    for k in (0, 100, 248):
+        t = fn.times[k]
+        assert fn.coef_x[k] == pytest.approx(1 - dt, abs=1e-14)
+        assert fn.coef_out[k] == pytest.approx((1 + t) * dt, abs=1e-14)
+        assert fn.noise_std[k] == pytest.approx(math.sqrt(2 * (1 - t) * dt), abs=1e-14)
+    assert fn.last_coeffs == pytest.approx((1 - 0.04, (1 + 0.96) * 0.04), abs=1e-14)
+
+
 def test_heun_sde_nfe_and_trajectory():
     tr, target, sampler = _setup()
     fn = sampler.sample_sde("Heun", "sigma", num_steps=10, return_trajectory=True)
