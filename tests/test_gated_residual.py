@@ -111,6 +111,22 @@ def test_backward(device, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
+def test_registry_widths(device):
+    """D of DiT-S/B/L/XL (1152 is neither a power of two nor a multiple of 256): fp32 forward and backward."""
+    for d in (384, 768, 1024, 1152):
+        shape = (2, 5, d)
+        inputs = make_inputs(shape, torch.float32, device, seed=d)
+        go = upstream(shape, torch.float32, device, 2)
+        for k, fn, ref_fn, names in ((3, gr, dk.gated_residual_ref, GR_NAMES), (5, fused, fused_ref, FUSED_NAMES)):
+            outs, got = run(fn, leaves(*inputs[:k]), go[: k // 2])
+            ref_outs, want = run(ref_fn, leaves(*inputs[:k]), go[: k // 2])
+            for name, a, b in zip(("out",) * len(outs), outs, ref_outs):
+                assert_close(a, b, *TOLERANCES[torch.float32][:2], f"{name} D={d}")
+            for name, a, b in zip(names, got, want):
+                assert_close(a, b, *TOLERANCES[torch.float32][2:], f"{name} D={d}")
+
+
+@pytest.mark.parametrize("device", devices())
 def test_mixed_dtype_and_shared_modulation(device):
     """bf16 activations with fp32 (N, D) views; shared (D,) modulation sums grads over all rows."""
     shape = (2, 9, 59)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import dit_kernels as dk
+from dit_kernels._checks import per_sample
 from conftest import TOLERANCES, assert_close, assert_lowp_close, devices, needs_cuda
 
 pytestmark = pytest.mark.skipif(not dk.HAS_EXT, reason="dit_kernels extension not built")
@@ -80,6 +81,20 @@ def test_backward(device, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
+def test_registry_widths(device):
+    """D of DiT-S/B/L/XL (1152 is neither a power of two nor a multiple of 256): fp32 forward and backward."""
+    for d in (384, 768, 1024, 1152):
+        x, shift, scale = make_inputs((2, 5, d), torch.float32, device, seed=d)
+        g = torch.randn_like(x)
+        got = grads_of(lambda *a: dk.modulated_layer_norm(*a, impl="ext"), leaves(x, shift, scale), g)
+        want = grads_of(dk.modulated_layer_norm_ref, leaves(x, shift, scale), g)
+        assert_close(dk.modulated_layer_norm(x, shift, scale, impl="ext"), dk.modulated_layer_norm_ref(x, shift, scale),
+                     *TOLERANCES[torch.float32][:2], f"y D={d}")
+        for name, a, b in zip(("dx", "dshift", "dscale"), got, want):
+            assert_close(a, b, *TOLERANCES[torch.float32][2:], f"{name} D={d}")
+
+
+@pytest.mark.parametrize("device", devices())
 def test_mixed_dtype_and_shared_modulation(device):
     """bf16 x with fp32 (N, D) views, and shared (D,) modulation: y in x.dtype, grads in the modulation dtype."""
     shape = (2, 9, 59)
@@ -113,6 +128,9 @@ def test_strided_inputs(device):
     """The raw op reads chunk(6) views (row stride 6D) and x with padded rows as they are."""
     x, shift, scale = make_inputs((2, 5, 59), torch.float32, device)
     assert shift.stride() == (6 * 59, 1) and not shift.is_contiguous()
+    # The wrapper hands such views to the op as they are (no copy).
+    assert per_sample("shift", shift, 2, 59).data_ptr() == shift.data_ptr()
+    assert per_sample("shift", shift[0], 2, 59).stride() == (0, 1)
     x_pad = torch.randn(2, 5, 64, device=device)
     x_pad[..., :59] = x
     x_view = x_pad[..., :59]  # (N, T, D) rows of stride 64: not contiguous

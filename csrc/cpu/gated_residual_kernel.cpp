@@ -13,6 +13,7 @@
 //
 // Layout: x, y, grads (N, T, D) unit inner stride, any (N, T) strides; gate, shift, scale
 // (N, D) any row stride (0 = shared), unit inner stride, one dtype: x.dtype or fp32.
+#include <optional>
 #include <vector>
 
 #include "modulated_layer_norm_cpu.h"
@@ -113,7 +114,7 @@ void grmln_forward_cpu_impl(const at::Tensor& x, const at::Tensor& y, const at::
 }
 
 template <typename scalar_t, typename mod_t>
-void grmln_backward_cpu_impl(const c10::optional<at::Tensor>& grad_x_new, const c10::optional<at::Tensor>& grad_h,
+void grmln_backward_cpu_impl(const std::optional<at::Tensor>& grad_x_new, const std::optional<at::Tensor>& grad_h,
                              const at::Tensor& x_new, const at::Tensor& y, const at::Tensor& gate,
                              const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd,
                              at::Tensor& dx, at::Tensor& dy, at::Tensor& dgate, at::Tensor& dshift,
@@ -273,8 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_residual_modula
 // (N, D); mean, rstd: (N, T) fp32. Returns dx, dy (N, T, D) in x.dtype and dgate, dshift,
 // dscale (N, D) in gate.dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gated_residual_modulated_layer_norm_backward_cpu(const c10::optional<at::Tensor>& grad_x_new,
-                                                 const c10::optional<at::Tensor>& grad_h, const at::Tensor& x_new,
+gated_residual_modulated_layer_norm_backward_cpu(const std::optional<at::Tensor>& grad_x_new,
+                                                 const std::optional<at::Tensor>& grad_h, const at::Tensor& x_new,
                                                  const at::Tensor& y, const at::Tensor& gate,
                                                  const at::Tensor& scale, const at::Tensor& mean,
                                                  const at::Tensor& rstd) {
