@@ -497,7 +497,32 @@ class _FakeLoopGraph(LoopGraph):
         return graph.out
 
 
-@pytest.mark.parametrize("kind", ["Euler", "Heun", "ode-heun"])
+def test_per_step_graph_euler_with_cpu_fake(monkeypatch):
+    """SDE Euler + cuda_graph: step 0 eager, one captured step replayed with a device table and counter."""
+    from dit_models.transport import cuda_graph, sampler as sampler_module
+
+    captured = []
+    monkeypatch.setattr(sampler_module._SampleFn, "_graph_ok", lambda self, x: True)
+    monkeypatch.setattr(cuda_graph, "warmup", lambda fn, device: fn())
+    monkeypatch.setattr(cuda_graph, "capture_replay", lambda fn, gen, device: captured.append(fn) or fn)
+    torch.manual_seed(0)
+    net = _CondNet()
+    z = torch.randn(6, 4, 4, 4)
+    y = torch.arange(6) % 3
+    for traj in (False, True):
+        runs = []
+        for graph in (False, True):
+            fn = Sampler(create_transport()).sample_sde("Euler", "sigma", num_steps=9, cuda_graph=graph,
+                                                        return_trajectory=traj, cfg_scale=2.0, guided_channels=3,
+                                                        generator=torch.Generator().manual_seed(4))
+            runs.append(fn(z, net, y=y))
+        assert len(runs[1]) == len(runs[0]) == (9 if traj else 1)
+        for e, g in zip(*runs):
+            assert g.equal(e)  # the table op equals the scalar op bit for bit (tests/test_sde_step.py)
+    assert len(captured) == 2
+
+
+@pytest.mark.parametrize("kind", ["Heun", "ode-heun"])
 def test_graph_cache_bookkeeping_with_cpu_fake(monkeypatch, kind):
     from dit_models.transport import sampler as sampler_module
 

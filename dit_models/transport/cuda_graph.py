@@ -11,10 +11,15 @@ sample function per batch still replays); call reset_cuda_graphs() to free its m
 Random numbers: the generator (or the default CUDA generator) is saved before the warm-up step and
 restored after capture, so the replay draws the same Philox stream an eager call would. A custom
 torch.Generator is registered with the graph (CUDAGraph.register_generator_state).
+
+Euler-Maruyama SDE sampling uses a lighter scheme instead (sampler.py): one step (network forward
+with CFG + dit_kernels.sde_euler_maruyama_step_table, whose per-step scalars come from a device
+table indexed by a device step counter) is captured per call with capture_replay() and replayed
+num_steps - 2 times; nothing is cached, and the first call is already fast.
 """
 import torch
 
-__all__ = ["LoopGraph", "GRAPH_CACHE", "reset_cuda_graphs"]
+__all__ = ["LoopGraph", "GRAPH_CACHE", "reset_cuda_graphs", "warmup", "capture_replay"]
 
 
 def _signature(config, x, model, kwargs, generator):
@@ -119,3 +124,18 @@ GRAPH_CACHE = LoopGraph()
 def reset_cuda_graphs():
     """Free the cached sampling graph and its memory pool."""
     GRAPH_CACHE.reset()
+
+
+def warmup(fn, device):
+    """Run fn once on a side stream (before capturing it), as CUDA-graph capture requires."""
+    LoopGraph._warmup(fn, device)
+
+
+def capture_replay(fn, generator, device):
+    """Capture fn() (which must only update static buffers) in a CUDA graph; return graph.replay.
+
+    The graph holds references to fn's buffers; drop the returned callable to free it.
+    """
+    graph = LoopGraph._new_graph(generator)
+    LoopGraph._record(graph, fn)
+    return graph.replay

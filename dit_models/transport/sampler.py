@@ -29,10 +29,13 @@ code (diffusion_transport.md D1), all deliberate:
 * reverse=True (and the likelihood) run the same interval [t0, t1] backwards, t1 -> t0. SiT maps
   the interval to (1 - t0, 1 - t1) instead; that is identical for Linear and GVP (symmetric
   intervals) and avoids the singular t = 1 of VP.
-* cuda_graph=True (fixed-step methods, CUDA only): the whole loop is captured once and replayed;
-  same generator state -> same samples as eager (see cuda_graph.py). The graph is cached module-wide
-  (one entry) and replayed by later calls with the same configuration and input signature, even from
-  a new sample function; reset_cuda_graphs() frees it. The model must be capturable (no host syncs,
+* cuda_graph=True (fixed-step methods, CUDA only); same generator state -> same samples as eager:
+    - SDE "Euler": one step (forward + fused step reading its scalars from a device coefficient
+      table, kernels.md 2.5) is captured per call and replayed num_steps - 2 times; no cache;
+    - every other fixed-step method: the whole loop is captured once and replayed (cuda_graph.py);
+      the graph is cached module-wide (one entry) and replayed by later calls with the same
+      configuration and input signature, even from a new sample function; reset_cuda_graphs()
+      frees it. The model must be capturable (no host syncs,
   no CPU tensors created in forward; under autocast use cache_enabled=False). On the CPU, or for
   adaptive solvers, it is ignored with a warning.
 * Sampling runs under torch.no_grad(); fp16/bf16 states are integrated in fp32 and cast back (the
@@ -46,7 +49,13 @@ import torch
 
 from dit_kernels import sde_euler_maruyama_step
 
+from . import cuda_graph
 from .cuda_graph import GRAPH_CACHE, reset_cuda_graphs
+
+try:  # device-table variant of the fused step (per-step CUDA-graph capture); absent in old builds
+    from dit_kernels.ops.sde_step import sde_euler_maruyama_step_table
+except ImportError:  # pragma: no cover
+    sde_euler_maruyama_step_table = None
 
 __all__ = ["Sampler", "LikelihoodResult", "diffusion_coefficient", "DIFFUSION_FORMS", "reset_cuda_graphs"]
 
@@ -383,6 +392,56 @@ class _SDESampleFn(_SampleFn):
             return x
         la, lb = self.last_coeffs
         return _lin(x, la, self._model_out(model, x, table[self.num_steps - 1], kw), lb)
+
+    def _use_step_graph(self):
+        return self.method == "euler" and sde_euler_maruyama_step_table is not None
+
+    def __call__(self, x, model, **model_kwargs):
+        if not (self.cuda_graph and self._use_step_graph() and self._graph_ok(x)):
+            return super().__call__(x, model, **model_kwargs)
+        in_dtype = x.dtype
+        if x.element_size() < 4:
+            x = x.float()
+        model_kwargs, table = self._prepare(x, model, model_kwargs)
+        self.nfe = 0
+        with torch.no_grad():
+            out = self._em_step_graph_loop(x, model, self._net_kwargs(model_kwargs, self.cfg), table)
+        return out if in_dtype == x.dtype else [o.to(in_dtype) for o in out]
+
+    def _em_step_graph_loop(self, x, model, kw, table):
+        """Euler-Maruyama with one captured step replayed; equals _loop (same kernels and noise stream)."""
+        s = self.num_steps
+        coeffs = torch.tensor([self.coef_x[:s - 1], self.coef_out[:s - 1], self.noise_std[:s - 1]],
+                              dtype=torch.float64).t().contiguous().to(x.device)  # (S - 1, 3)
+        step = torch.zeros(1, dtype=torch.int64, device=x.device)
+        x_buf = x.clone()
+        n_net = table.shape[1]
+
+        def one_step():
+            t_row = table.index_select(0, step).reshape(n_net)  # (N_net,), read on the device
+            out = self._forward(model, x_buf, t_row, kw)
+            x_next, _ = sde_euler_maruyama_step_table(
+                x_buf, out, coeffs, step, cfg_scale=self.cfg_scale if self.cfg else 1.0,
+                guided_channels=self.guided_channels, generator=self.generator)
+            x_buf.copy_(x_next)
+            step.add_(1)
+
+        traj = [] if self.return_trajectory else None
+        cuda_graph.warmup(one_step, x.device)  # a real step: step 0
+        if traj is not None:
+            traj.append(x_buf.clone())
+        if s > 2:
+            replay = cuda_graph.capture_replay(one_step, self.generator, x.device)
+            for _ in range(s - 2):
+                replay()
+                if traj is not None:
+                    traj.append(x_buf.clone())
+            del replay
+        x = self._last(model, x_buf.clone(), table, kw)
+        if traj is None:
+            return [x]
+        traj.append(x)
+        return traj
 
     def _loop(self, x, model, kw, table, max_steps):
         kw = self._net_kwargs(kw, self.cfg)
