@@ -219,6 +219,23 @@ def test_gradcheck_cuda():
     assert torch.autograd.gradcheck(fused, leaves(x, y, gate, shift, scale))
 
 
+@needs_cuda
+def test_cpu_cuda_agree():
+    """CUDA and CPU kernels agree (fp32, D = 1152), forward and backward; mixed devices raise."""
+    shape = (2, 37, 1152)
+    inputs = make_inputs(shape, torch.float32, "cpu")
+    go = upstream(shape, torch.float32, "cpu", 2)
+    outs_c, got_c = run(fused, leaves(*inputs), go)
+    outs_g, got_g = run(fused, leaves(*(t.cuda() for t in inputs)), tuple(g.cuda() for g in go))
+    for name, a, b in zip(("x_new", "h") + FUSED_NAMES, outs_g + got_g, outs_c + got_c):
+        assert_close(a.cpu(), b, *TOLERANCES[torch.float32][2:], name)
+    x, y, gate, shift, scale = inputs
+    with pytest.raises(ValueError, match="one device"):
+        fused(x.cuda(), y.cuda(), gate.cuda(), shift, scale.cuda())
+    with pytest.raises(RuntimeError):
+        OPS.gated_residual(x.cuda(), y.cuda(), gate)
+
+
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
     x, y, gate, shift, scale = make_inputs((2, 5, 59), torch.float32, device)

@@ -121,6 +121,15 @@ def test_gradcheck_cuda():
     assert torch.autograd.gradcheck(lambda t: dk.unpatchify(t, 2, 4, 6, 2, impl="ext"), (leaf(y),))
 
 
+@needs_cuda
+def test_cpu_cuda_agree():
+    """CUDA and CPU kernels give the same bits."""
+    x = randn(2, 4, 16, 12, dtype=torch.bfloat16)
+    assert torch.equal(dk.patchify(x.cuda(), 2, impl="ext").cpu(), dk.patchify(x, 2, impl="ext"))
+    y = tokens(2, 8, 16, 12, 2, dtype=torch.bfloat16)
+    assert torch.equal(dk.unpatchify(y.cuda(), 2, 16, 12, 4, impl="ext").cpu(), dk.unpatchify(y, 2, 16, 12, 4, impl="ext"))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
     x = randn(2, 3, 4, 6, device=device)
