@@ -8,6 +8,7 @@
 //   dit::block_reduce_sum(v, smem)  sum over a 1-D block (blockDim.x % 32 == 0, smem >= 32 elements);
 //                              every thread gets the result; deterministic; contains __syncthreads
 //   dit::ceil_div(a, b), dit::sm_count()
+//   DIT_CHECK_CUDA(t)          TORCH_CHECK that a tensor is on a CUDA device
 // Everything here is header-only (templates / inline), so several .cu files can include it.
 #pragma once
 
@@ -18,6 +19,11 @@
 
 #include <cstdint>
 #include <type_traits>
+
+// Host-side input check: `t` must live on a CUDA device.
+#ifndef DIT_CHECK_CUDA
+#define DIT_CHECK_CUDA(t) TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor, got device ", (t).device())
+#endif
 
 namespace dit {
 
