@@ -41,3 +41,17 @@ def assert_lowp_close(fast, ref32, ref_lowp, atol, name="tensor"):
     err_fast = (fast.double() - ref32.double()).abs().max().item()
     err_ref = (ref_lowp.double() - ref32.double()).abs().max().item()
     assert err_fast <= 2 * err_ref + atol, f"{name}: kernel error {err_fast:.3g} > 2 x reference error {err_ref:.3g} + {atol}"
+
+
+@pytest.fixture(autouse=True)
+def num_threads():
+    """Run every test on one intra-op thread, restoring the setting afterwards.
+
+    The tests use tiny tensors that gain nothing from threads, and on a loaded 2-core machine
+    thread hand-offs made them several to ~1000x slower. Yields the previous thread count, which
+    the determinism tests use to compare 1 thread against several.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield n
+    torch.set_num_threads(n)

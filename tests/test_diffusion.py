@@ -12,14 +12,6 @@ BASE_BETAS = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
 BASE_ABAR = np.cumprod(1.0 - BASE_BETAS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine thread
-    hand-offs made these tests ~10x slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -----------------------------------------------------------------------------------------------

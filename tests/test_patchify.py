@@ -9,15 +9,6 @@ from conftest import devices, needs_cuda
 pytestmark = pytest.mark.skipif(not dk.HAS_EXT, reason="dit_kernels extension not built")
 
 
-@pytest.fixture(autouse=True)
-def num_threads():
-    """Run on one intra-op thread: these tiny tensors gain nothing from threads, and on a loaded
-    2-core machine thread hand-offs made the tests several times slower. Yields the previous
-    count, which the determinism test uses to compare 1 thread against several."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield n
-    torch.set_num_threads(n)
 
 OPS = torch.ops.dit_kernels
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
