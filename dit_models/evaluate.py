@@ -51,6 +51,7 @@ def cache_dir():
     return os.environ.get("DIT_MODELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dit_models"))
 
 
+@torch.enable_grad()
 def train_classifier(size=16, epochs=20, seed=0, verbose=True):
     """Trains the classifier on the digits training split (random 1-pixel shifts as augmentation)."""
     from dit_models.data import digits_dataset

@@ -406,6 +406,7 @@ def main(args):
 
     # Data first: the model's input size, channels and class count come from it.
     dataset = build_dataset(args.data, args.image_size, args.vae, device)
+    batches = StepBatches(dataset, local_batch, rank, world, args.seed, args.num_workers)
     if args.num_classes is None:
         args.num_classes = dataset.num_classes
     elif args.num_classes != dataset.num_classes:
@@ -481,7 +482,6 @@ def main(args):
         train_model = torch.compile(train_model)
     model.train()
 
-    batches = StepBatches(dataset, local_batch, rank, world, args.seed, args.num_workers)
     max_steps = args.max_steps if args.max_steps is not None else args.epochs * batches.steps_per_epoch
     autocast = set_precision(args.precision, device)
     logger.info(f"training steps {start_step} -> {max_steps} ({batches.steps_per_epoch} steps/epoch, "

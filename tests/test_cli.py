@@ -1,0 +1,164 @@
+"""Command-line entry points: quickstart, sample (PNG), sample_ddp (.npz, resumable), evaluate, bad inputs."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dit_models import evaluate, sample, sample_ddp, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16", "--device", "cpu",
+        "--num-workers", "0", "--log-every", "5", "--sample-every", "0", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A private classifier cache for the session (trained once, in seconds)."""
+    d = str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("DIT_MODELS_CACHE")
+    os.environ["DIT_MODELS_CACHE"] = d
+    yield d
+    if old is None:
+        os.environ.pop("DIT_MODELS_CACHE", None)
+    else:
+        os.environ["DIT_MODELS_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny 3-step checkpoints of every method (sampling tests only need the format, not quality)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for method, model, extra in [("ddpm", "DiT-S/2", []), ("sit", "SiT-S/2", []),
+                                 ("maskdit", "MaskDiT-S/2", ["--decoder-depth", "1", "--decoder-hidden-size", "32",
+                                                             "--decoder-num-heads", "2"])]:
+        argv = ["--method", method, "--model", model, "--max-steps", "3", "--results-dir", str(root / method), *TINY, *extra]
+        p = train.get_parser()
+        out[method] = train.main(train.resolve_args(p.parse_args(argv), p, argv))["checkpoint"]
+    return out
+
+
+def _run(args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_quickstart_short(tmp_path, cache_dir):
+    """The main-job command itself, shortened: trains, samples, plots, evaluates and prints where things are."""
+    r = _run(["dit_models.quickstart", "--max-steps", "20", "--eval-samples", "20", "--sample-every", "20",
+              "--log-every", "10", "--results-dir", str(tmp_path), "--depth", "1", "--hidden-size", "32"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "step      20/20" in out and "steps/s" in out and "img/s" in out
+    run = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    for f in ("loss.png", "log.txt", "eval.json", "eval_samples.png", "samples/0000020.png", "checkpoints/0000020.pt"):
+        assert os.path.exists(os.path.join(run, f)), f
+    for f in ("loss.png", "log.txt", "eval.json", "0000020.png", "0000020.pt"):
+        assert f in out, f  # the summary says where everything is
+    res = json.load(open(os.path.join(run, "eval.json")))
+    assert 0 <= res["accuracy"] <= 1 and res["fd"] > 0
+    assert "class accuracy" in out and run in out
+
+
+@pytest.mark.parametrize("method,flags", [
+    ("ddpm", ["--sampler", "ddim", "--num-sampling-steps", "4"]),
+    ("ddpm", ["--sampler", "ddpm", "--num-sampling-steps", "3", "--cfg-scale", "2.0"]),
+    ("sit", ["--sampler", "ode", "--sampling-method", "euler", "--num-sampling-steps", "4"]),
+    ("sit", ["--sampler", "sde", "--diffusion-form", "linear", "--num-sampling-steps", "4", "--cfg-scale", "1.0"]),
+    ("maskdit", ["--num-sampling-steps", "3", "--cfg-scale", "1.5"]),
+])
+def test_sample_png(method, flags, checkpoints, tmp_path):
+    out = str(tmp_path / "grid.png")
+    path = sample.main(sample.get_parser().parse_args(["--ckpt", checkpoints[method], "--out", out, "--device", "cpu",
+                                                       "--samples-per-class", "1", *flags]))
+    from PIL import Image
+
+    im = Image.open(path)
+    assert path == out and im.size[0] > 10 * 16  # 10 digits wide, upscaled
+
+
+def test_generate_is_seeded(checkpoints):
+    model, method, margs = sample.load_model_for_sampling(checkpoints["sit"])
+    opts = dict(sample.sampler_defaults("sit"), sampler="sde", sampling_method="Euler", num_sampling_steps=4)
+    y = torch.arange(4)
+    a = sample.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(5), margs)
+    b = sample.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(5), margs)
+    c = sample.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(6), margs)
+    assert a.shape == (4, 1, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sample_ddp_npz_resumable(checkpoints, tmp_path):
+    argv = ["--ckpt", checkpoints["ddpm"], "--num-fid-samples", "10", "--per-proc-batch-size", "4",
+            "--sample-dir", str(tmp_path), "--num-sampling-steps", "2", "--cfg-scale", "1.0", "--device", "cpu",
+            "--name", "s"]
+    path = sample_ddp.main(sample_ddp.get_parser().parse_args(argv))
+    d = np.load(path)
+    assert d["arr_0"].shape == (10, 16, 16, 3) and d["arr_0"].dtype == np.uint8
+    assert d["labels"].shape == (10,) and d["labels"].max() < 10
+    first = d["arr_0"].copy()
+    # Resume: a lost batch is regenerated identically (seeds depend on the batch index only).
+    os.remove(os.path.join(tmp_path, "s_parts", "000001.npz"))
+    os.remove(path)
+    path = sample_ddp.main(sample_ddp.get_parser().parse_args(argv))
+    assert np.array_equal(np.load(path)["arr_0"], first)
+    # evaluate scores an npz with labels
+    res = evaluate.main(evaluate.get_parser().parse_args(["--npz", path]))
+    assert res["num_samples"] == 10 and 0 <= res["accuracy"] <= 1
+
+
+def test_evaluate_scores(cache_dir):
+    from dit_models.data import digits_dataset
+
+    te = digits_dataset("test")
+    real = evaluate.score_samples(te.images[:200], te.labels[:200])
+    noise = evaluate.score_samples(torch.rand(200, 1, 16, 16) * 2 - 1, torch.arange(200) % 10)
+    assert real["accuracy"] > 0.9 and noise["accuracy"] < 0.4
+    assert real["fd"] < real["fd_real"] * 3 < noise["fd"]
+    x = np.random.RandomState(0).randn(500, 4)
+    assert abs(evaluate.frechet_distance(x, x)) < 1e-6
+    assert evaluate.frechet_distance(x, x + 1.0) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_bad_inputs(tmp_path, capsys):
+    base = ["--results-dir", str(tmp_path), *TINY, "--max-steps", "1"]
+    cases = [
+        (["--data", str(tmp_path / "nope")], "does not exist"),
+        (["--num-classes", "7"], "does not match the dataset"),
+        (["--model", "DiT-Q/2"], "unknown --model"),
+        (["--method", "sit", "--model", "SiT-S/2", "--decoder-depth", "2"], "does not accept"),
+        (["--global-batch-size", "4096"], "fewer than one global batch"),
+    ]
+    for extra, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            train.cli(base + extra)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err, extra
+    assert os.listdir(tmp_path) == []  # nothing written for bad configurations
+    with pytest.raises(SystemExit):
+        sample.cli(["--ckpt", str(tmp_path / "missing.pt")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_dry_run_prints_config(tmp_path, capsys):
+    out = train.cli(["--method", "sit", "--model", "SiT-S/2", "--dry-run", "--results-dir", str(tmp_path), *TINY])
+    text = capsys.readouterr().out
+    cfg = json.loads(text[: text.index("\ndata:")])
+    assert cfg["method"] == "sit" and cfg["lr"] == 1e-4 and cfg["ema_decay"] == 0.9999 and cfg["input_size"] == 16
+    assert out["config"]["num_classes"] == 10 and os.listdir(tmp_path) == []
+
+
+def test_published_defaults():
+    p = train.get_parser()
+    a = train.resolve_args(p.parse_args(["--method", "maskdit"]), p, ["--method", "maskdit"])
+    assert (a.lr, a.ema_decay, a.weight_decay, a.class_dropout_prob, a.global_batch_size, a.mask_ratio) == \
+        (1e-4, 0.9999, 0.0, 0.1, 1024, 0.5)
+    a = train.resolve_args(p.parse_args(["--method", "sddit"]), p, ["--method", "sddit"])
+    assert a.mask_ratio == 0.2 and a.model == "SD-DiT-XL/2"
+    a = train.resolve_args(p.parse_args(["--method", "ddpm"]), p, ["--method", "ddpm"])
+    assert a.global_batch_size == 256 and a.learn_sigma and a.grad_clip == 0
+    q = train.resolve_args(p.parse_args(["--quickstart", "--max-steps", "7"]), p, ["--quickstart", "--max-steps", "7"])
+    assert q.max_steps == 7 and q.method == train.QUICKSTART["method"] and q.depth == train.QUICKSTART["depth"]
