@@ -170,9 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_residual_modula
   DIT_CHECK_MOD(scale, x.size(0), x.size(2));
   DIT_CHECK_SAME_DEVICE(x, shift);
   DIT_CHECK_SAME_DEVICE(x, scale);
-  TORCH_CHECK(gate.scalar_type() == shift.scalar_type() && gate.scalar_type() == scale.scalar_type(),
-              "gate, shift and scale must share a dtype, got ", gate.scalar_type(), ", ", shift.scalar_type(), ", ",
-              scale.scalar_type());
+  TORCH_CHECK(shift.scalar_type() == gate.scalar_type() && scale.scalar_type() == gate.scalar_type(),
+              "shift and scale must have the dtype of gate (", gate.scalar_type(), "), got ", shift.scalar_type(),
+              " and ", scale.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor yc = y.contiguous();
@@ -217,8 +217,8 @@ gated_residual_modulated_layer_norm_backward_cuda(const std::optional<at::Tensor
   const int64_t N = x_new.size(0), T = x_new.size(1), D = x_new.size(2);
   DIT_CHECK_MOD(scale, N, D);
   DIT_CHECK_SAME_DEVICE(x_new, scale);
-  TORCH_CHECK(gate.scalar_type() == scale.scalar_type(), "gate and scale must share a dtype, got ",
-              gate.scalar_type(), " and ", scale.scalar_type());
+  TORCH_CHECK(scale.scalar_type() == gate.scalar_type(), "scale must have the dtype of gate (", gate.scalar_type(),
+              "), got ", scale.scalar_type());
   const bool has_dxn = grad_x_new.has_value() && grad_x_new->defined();
   const bool has_dh = grad_h.has_value() && grad_h->defined();
   if (has_dxn) dit::check_rows_tensor(*grad_x_new, x_new, "grad_x_new");
