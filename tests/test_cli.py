@@ -162,3 +162,27 @@ def test_published_defaults():
     assert a.global_batch_size == 256 and a.learn_sigma and a.grad_clip == 0
     q = train.resolve_args(p.parse_args(["--quickstart", "--max-steps", "7"]), p, ["--quickstart", "--max-steps", "7"])
     assert q.max_steps == 7 and q.method == train.QUICKSTART["method"] and q.depth == train.QUICKSTART["depth"]
+
+
+def test_released_style_raw_state_dict(tmp_path):
+    """A raw DiT state_dict (the released-file format) samples with --method; config inferred from shapes."""
+    from dit_models.models.dit import DiT
+
+    torch.manual_seed(0)
+    dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    torch.save(dit.state_dict(), tmp_path / "raw.pt")
+    with pytest.raises(ValueError, match="pass --method"):
+        sample.load_model_for_sampling(str(tmp_path / "raw.pt"))
+    model, method, margs = sample.load_model_for_sampling(str(tmp_path / "raw.pt"), method="ddpm", num_heads=2)
+    assert margs["learn_sigma"] and margs["input_size"] == 8 and margs["data_kind"] == "latents"
+    opts = dict(sample.sampler_defaults("ddpm"), num_sampling_steps=2)
+    x = sample.generate(method, model, torch.tensor([1, 2]), opts, 4.0, torch.Generator().manual_seed(0), margs)
+    assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
+
+
+def test_bf16_training_step(tmp_path):
+    argv = ["--method", "sit", "--model", "SiT-S/2", "--max-steps", "2", "--results-dir", str(tmp_path), *TINY]
+    argv[argv.index("--precision") + 1] = "bf16"
+    p = train.get_parser()
+    out = train.main(train.resolve_args(p.parse_args(argv), p, argv))
+    assert np.isfinite(out["final_loss"]) and next(out["model"].parameters()).dtype == torch.float32

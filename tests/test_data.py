@@ -135,3 +135,12 @@ def test_extract_latents_shards_and_latent_dataset(tmp_path):
     json.dump(meta, open(os.path.join(out, "meta.json"), "w"))
     with pytest.raises(ValueError, match="incomplete"):
         data.LatentDataset(out)
+
+
+def test_vae_missing_is_a_clear_error(tmp_path, monkeypatch):
+    root = str(tmp_path / "imgs")
+    _write_images(root, [("a", 1, (16, 16))])
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    monkeypatch.setitem(sys.modules, "diffusers.models", None)
+    with pytest.raises(ImportError, match="diffusers.*--vae none"):
+        data.build_dataset(root, image_size=16, vae="ema")
