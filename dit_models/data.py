@@ -17,7 +17,6 @@ is skipped silently).
 """
 import glob
 import json
-import math
 import os
 
 import numpy as np

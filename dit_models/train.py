@@ -28,7 +28,6 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 
 from dit_models import utils
 from dit_models.utils import derive_seed
