@@ -199,7 +199,16 @@ def _loss_kwargs(cls, args, names):
     return {k: getattr(args, a) for k, a in names.items() if getattr(args, a, None) is not None and _accepts(cls, k)}
 
 
-class MaskDiTObjective(Objective):
+class _LossDictObjective(Objective):
+    """Objectives whose loss object returns {"loss": (N,), <terms>...}: log the mean of every term."""
+
+    def __call__(self, model, x, y, step):
+        d = self.loss(model, x, y, step=step)
+        logs = {k: v.mean().detach() for k, v in d.items() if k != "loss" and torch.is_tensor(v) and v.is_floating_point()}
+        return d["loss"].mean(), logs
+
+
+class MaskDiTObjective(_LossDictObjective):
     """MaskDiT: EDM DSM on visible tokens + 0.1 x MAE on masked tokens (maskdit_sddit 1.4)."""
 
     def __init__(self, args):
@@ -211,13 +220,8 @@ class MaskDiTObjective(Objective):
             mask_ratio="mask_ratio", mae_loss_coef="mae_loss_coef", P_mean="P_mean", P_std="P_std",
             label_dropout="class_dropout_prob")))
 
-    def __call__(self, model, x, y, step):
-        d = self.loss(model, x, y, step=step)
-        logs = {k: v.mean().detach() for k, v in d.items() if k != "loss" and torch.is_tensor(v) and v.is_floating_point()}
-        return d["loss"].mean(), logs
 
-
-class SDDiTObjective(Objective):
+class SDDiTObjective(_LossDictObjective):
     """SD-DiT: EDM generative loss + teacher-student discriminative loss (maskdit_sddit 2.4)."""
 
     def __init__(self, args):
@@ -228,11 +232,6 @@ class SDDiTObjective(Objective):
         self.loss = SDDiTLoss(**_loss_kwargs(SDDiTLoss, args, dict(
             mask_ratio="mask_ratio", P_mean="P_mean", P_std="P_std", dis_loss_coef="dis_loss_coef",
             label_dropout="class_dropout_prob")))
-
-    def __call__(self, model, x, y, step):
-        d = self.loss(model, x, y, step=step)
-        logs = {k: v.mean().detach() for k, v in d.items() if k != "loss" and torch.is_tensor(v) and v.is_floating_point()}
-        return d["loss"].mean(), logs
 
     def after_step(self, model, step, max_steps):
         self.loss.update_teacher(utils.unwrap(model), step, max_steps)
