@@ -420,9 +420,12 @@ void launch_mln_backward(BwdArgs<T, M> a, int64_t samples, std::array<M*, 3> out
                    pack_ok<M, V>(a.gate, a.gate_stride);
   const int64_t smem = static_cast<int64_t>(a.nq) * a.dim * static_cast<int64_t>(sizeof(acc));
   auto kernel = vec ? mln_backward_kernel<T, M, V> : mln_backward_kernel<T, M, 1>;
-  if (smem > kDefaultSmem) {
+  // Without opt-in a launch may use 48 KB of static + dynamic shared memory together (the default
+  // max dynamic size is 48 KB minus the static stats[] array), so opt in when the sum exceeds it.
+  const int64_t static_smem = 4 * kBwdSub * static_cast<int64_t>(sizeof(acc));
+  if (smem + static_smem > kDefaultSmem) {
     const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-    TORCH_CHECK(smem + 4 * kBwdSub * static_cast<int64_t>(sizeof(acc)) <= optin,
+    TORCH_CHECK(smem + static_smem <= optin,
                 "dit_kernels backward: hidden size D = ", a.dim, " needs ", smem,
                 " bytes of shared memory per block, more than the device allows (", optin, ")");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
