@@ -37,6 +37,12 @@
 
 #include "../common.h"
 
+// Defined by every torch we support (2.11+); kept as a fallback so an older or stripped header set
+// still compiles (the bare assert keeps the device-side range check).
+#ifndef CUDA_KERNEL_ASSERT_MSG
+#define CUDA_KERNEL_ASSERT_MSG(cond, msg) CUDA_KERNEL_ASSERT(cond)
+#endif
+
 // Input checks shared with the CPU host functions (defined in csrc/cpu/tokens_kernel.cpp).
 namespace dit_kernels_tokens {
 void check_gather(const at::Tensor& x, const at::Tensor& ids);
