@@ -36,7 +36,6 @@ inline void gated_residual_row(const scalar_t* x, const scalar_t* y, const mod_t
 
 template <typename scalar_t, typename mod_t>
 void gr_forward_cpu_impl(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, at::Tensor& out) {
-  using acc = acc_t<scalar_t>;
   const int64_t T = x.size(1), D = x.size(2);
   const auto xr = rows_of<scalar_t>(x);
   const auto yr = rows_of<scalar_t>(y);
@@ -91,7 +90,6 @@ template <typename scalar_t, typename mod_t>
 void grmln_forward_cpu_impl(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
                             const at::Tensor& shift, const at::Tensor& scale, double eps, at::Tensor& x_new,
                             at::Tensor& h, at::Tensor& mean, at::Tensor& rstd) {
-  using acc = acc_t<scalar_t>;
   const int64_t T = x.size(1), D = x.size(2);
   const auto xr = rows_of<scalar_t>(x);
   const auto yr = rows_of<scalar_t>(y);
