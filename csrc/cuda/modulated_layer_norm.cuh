@@ -1,9 +1,17 @@
 // Row kernels shared by modulated_layer_norm_kernel.cu and gated_residual_kernel.cu.
 //
+// Dtypes: T is the residual stream (x, x_new, dxn, dx), L the branch (y, the LN output out / h,
+// dh, dy), M the modulation (gate, shift, scale). Either L == T (any float type) or T = M = float
+// with L = fp16/bf16 (bf16 autocast: fp32 residual stream, bf16 Linear inputs/outputs); see
+// DIT_DISPATCH_BRANCH_TYPES in common.h. Arithmetic is in acc_t<T> (fp32, fp64 for double);
+// results are rounded once to their storage dtype. VEC = kVec16<T> elements per pack, so a branch
+// pack is VEC * sizeof(L) bytes (8 for bf16 with fp32 T: still one vector instruction).
+//
 // Forward (mln_forward_kernel):  one warp per row r = (n, t) of D elements.
-//   [RESIDUAL] v = x + gate[n] * y, rounded to x.dtype and stored as x_new (the residual stream);
-//   otherwise v = x.  mu = mean(v), var = mean((v - mu)^2) (two passes over the row held in
-//   registers, fp32 / fp64), rstd = (var + eps)^-1/2, out = (v - mu) * rstd * (1 + scale[n]) + shift[n].
+//   [RESIDUAL] v = x + gate[n] * y, rounded to T and stored as x_new (the residual stream; the
+//   statistics see exactly the stored values); otherwise v = x.  mu = mean(v), var = mean((v - mu)^2)
+//   (two passes over the row held in registers, fp32 / fp64), rstd = (var + eps)^-1/2,
+//   out = (v - mu) * rstd * (1 + scale[n]) + shift[n], rounded to L.
 //   Rows are vectorised with 16-byte packs when D and every pointer allow it, else scalar; the first
 //   kCachePacks packs of each lane stay in registers, longer rows re-read the remainder (any D works).
 //
@@ -11,7 +19,7 @@
 //   in sub-tiles of 8 rows:  (1) one warp per row computes mean(g), mean(g * xhat) with
 //   g = dh * (1 + scale[n]);  (2) threads own column packs and walk the 8 rows (re-read from L1/L2):
 //     dxn_total = rstd * (g - mean(g) - xhat * mean(g * xhat)) [if dh] + dxn [if given]
-//     dx = dxn_total [if wanted];  dy = gate[n] * dxn_total [if gate]
+//     dx = dxn_total [if wanted, in T];  dy = gate[n] * dxn_total [if gate, in L]
 //   and accumulate the per-sample column sums  sum dh, sum dh * xhat, sum dxn_total * y  in shared
 //   memory (each column has one owning thread). A CTA writes its fp32 partial sums to a workspace
 //   (N, tiles, nq, D); mln_column_finalize_kernel adds the tiles in a fixed order. No atomics:
@@ -59,16 +67,16 @@ __device__ __forceinline__ Pack<T, N> load_pack_rw(const T* p) {
 // ------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------
-template <typename T, typename M>
+template <typename T, typename M, typename L>
 struct FwdArgs {
   const T* x;          // (rows, D) contiguous
-  const T* y;          // (rows, D) [RESIDUAL]
+  const L* y;          // (rows, D) [RESIDUAL] branch dtype
   const M* gate;       // (N, D) row stride gate_stride [RESIDUAL]
   const M* shift;      // (N, D) row stride shift_stride
   const M* scale;      // (N, D) row stride scale_stride
   int64_t gate_stride, shift_stride, scale_stride;
   T* x_new;            // (rows, D) [RESIDUAL]
-  T* out;              // (rows, D)
+  L* out;              // (rows, D) branch dtype
   float* mean;         // (rows,)
   float* rstd;         // (rows,)
   int64_t rows, tokens;
@@ -76,10 +84,11 @@ struct FwdArgs {
   double eps;
 };
 
-template <typename T, typename M, int VEC, bool RESIDUAL>
-__global__ void __launch_bounds__(kFwdWarps* kWarpSize) mln_forward_kernel(FwdArgs<T, M> a) {
+template <typename T, typename M, typename L, int VEC, bool RESIDUAL>
+__global__ void __launch_bounds__(kFwdWarps* kWarpSize) mln_forward_kernel(FwdArgs<T, M, L> a) {
   using acc = acc_t<T>;
   using PT = Pack<T, VEC>;
+  using PL = Pack<L, VEC>;
   using PM = Pack<M, VEC>;
   constexpr int NC = kCachePacks<VEC>;
   const int lane = threadIdx.x % kWarpSize;
@@ -97,7 +106,7 @@ __global__ void __launch_bounds__(kFwdWarps* kWarpSize) mln_forward_kernel(FwdAr
     auto input_pack = [&](int v) -> PT {
       PT p = load_pack<T, VEC>(a.x + base + static_cast<int64_t>(v) * VEC);
       if constexpr (RESIDUAL) {
-        const PT q = load_pack<T, VEC>(a.y + base + static_cast<int64_t>(v) * VEC);
+        const PL q = load_pack<L, VEC>(a.y + base + static_cast<int64_t>(v) * VEC);
         const PM g = load_pack<M, VEC>(gate_n + static_cast<int64_t>(v) * VEC);
 #pragma unroll
         for (int e = 0; e < VEC; ++e)
@@ -168,13 +177,13 @@ __global__ void __launch_bounds__(kFwdWarps* kWarpSize) mln_forward_kernel(FwdAr
     auto emit = [&](int v, const PT& p) {
       const PM sh = load_pack<M, VEC>(shift_n + static_cast<int64_t>(v) * VEC);
       const PM sc = load_pack<M, VEC>(scale_n + static_cast<int64_t>(v) * VEC);
-      PT o;
+      PL o;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const acc xhat = (static_cast<acc>(p[e]) - mu) * rs;
-        o[e] = static_cast<T>(xhat * (acc(1) + static_cast<acc>(sc[e])) + static_cast<acc>(sh[e]));
+        o[e] = static_cast<L>(xhat * (acc(1) + static_cast<acc>(sc[e])) + static_cast<acc>(sh[e]));
       }
-      store_pack<T, VEC>(a.out + base + static_cast<int64_t>(v) * VEC, o);
+      store_pack<L, VEC>(a.out + base + static_cast<int64_t>(v) * VEC, o);
     };
 #pragma unroll
     for (int i = 0; i < NC; ++i) {
@@ -191,19 +200,21 @@ inline bool pack_ok(const void* p, int64_t row_stride) {
   return p == nullptr || (is_aligned(p, detail::pack_align<E, VEC>()) && row_stride % VEC == 0);
 }
 
-template <typename T, typename M, bool RESIDUAL>
-void launch_mln_forward(const FwdArgs<T, M>& a) {
-  constexpr int V = kVec16<T>;
-  const bool vec = a.dim % V == 0 && pack_ok<T, V>(a.x, a.dim) && pack_ok<T, V>(a.out, a.dim) &&
+template <typename T, typename M, typename L, bool RESIDUAL>
+void launch_mln_forward(const FwdArgs<T, M, L>& a) {
+  constexpr int V = kVec16<T>;  // the residual dtype sets the pack width (branch packs: V * sizeof(L) B)
+  const bool vec = a.dim % V == 0 && pack_ok<T, V>(a.x, a.dim) && pack_ok<L, V>(a.out, a.dim) &&
                    pack_ok<M, V>(a.shift, a.shift_stride) && pack_ok<M, V>(a.scale, a.scale_stride) &&
-                   (!RESIDUAL || (pack_ok<T, V>(a.y, a.dim) && pack_ok<T, V>(a.x_new, a.dim) &&
+                   (!RESIDUAL || (pack_ok<L, V>(a.y, a.dim) && pack_ok<T, V>(a.x_new, a.dim) &&
                                   pack_ok<M, V>(a.gate, a.gate_stride)));
   const int64_t blocks = std::min<int64_t>(ceil_div(a.rows, kFwdWarps), static_cast<int64_t>(sm_count()) * 32);
   auto stream = at::cuda::getCurrentCUDAStream();
   if (vec) {
-    mln_forward_kernel<T, M, V, RESIDUAL><<<static_cast<unsigned>(blocks), kFwdWarps * kWarpSize, 0, stream>>>(a);
+    mln_forward_kernel<T, M, L, V, RESIDUAL>
+        <<<static_cast<unsigned>(blocks), kFwdWarps * kWarpSize, 0, stream>>>(a);
   } else {
-    mln_forward_kernel<T, M, 1, RESIDUAL><<<static_cast<unsigned>(blocks), kFwdWarps * kWarpSize, 0, stream>>>(a);
+    mln_forward_kernel<T, M, L, 1, RESIDUAL>
+        <<<static_cast<unsigned>(blocks), kFwdWarps * kWarpSize, 0, stream>>>(a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -211,28 +222,29 @@ void launch_mln_forward(const FwdArgs<T, M>& a) {
 // ------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------
-template <typename T, typename M>
+template <typename T, typename M, typename L>
 struct BwdArgs {
-  const T* dh = nullptr;     // (rows, D) grad of the LN output; null: no LN branch
+  const L* dh = nullptr;     // (rows, D) grad of the LN output (branch dtype); null: no LN branch
   const T* dxn = nullptr;    // (rows, D) grad arriving directly at the LN input stream; null: none
   const T* xn = nullptr;     // (rows, D) LN input (needed with dh)
   const float* mean = nullptr;
   const float* rstd = nullptr;
   const M* scale = nullptr;  // (N, D), row stride scale_stride (needed with dh)
-  const T* y = nullptr;      // (rows, D) gated branch (needed with gate)
+  const L* y = nullptr;      // (rows, D) gated branch, branch dtype (needed with gate)
   const M* gate = nullptr;   // (N, D), row stride gate_stride; null: no gated residual
   int64_t scale_stride = 0, gate_stride = 0;
   T* dx = nullptr;           // (rows, D) total grad of the LN input; null: not written
-  T* dy = nullptr;           // (rows, D) gate * dx (written iff gate)
+  L* dy = nullptr;           // (rows, D) gate * dx, branch dtype (written iff gate)
   void* ws = nullptr;        // (N, tiles, nq, D) acc_t<T> partial column sums
   int64_t tokens = 0, tile_rows = 0;
   int tiles = 1, dim = 0, nq = 0;  // nq = 2 * (dh != null) + (gate != null)
 };
 
-template <typename T, typename M, int VEC>
-__global__ void __launch_bounds__(kBwdThreads) mln_backward_kernel(BwdArgs<T, M> a) {
+template <typename T, typename M, typename L, int VEC>
+__global__ void __launch_bounds__(kBwdThreads) mln_backward_kernel(BwdArgs<T, M, L> a) {
   using acc = acc_t<T>;
   using PT = Pack<T, VEC>;
+  using PL = Pack<L, VEC>;
   using PM = Pack<M, VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc* col = reinterpret_cast<acc*>(smem_raw);  // (nq, D) column sums of this CTA
@@ -269,13 +281,14 @@ __global__ void __launch_bounds__(kBwdThreads) mln_backward_kernel(BwdArgs<T, M>
         const acc rs = a.rstd[row];
         acc sg = 0, sgx = 0;
         for (int v0 = lane; v0 < nvec; v0 += kBatch * kWarpSize) {
-          PT d[kBatch], xv[kBatch];
+          PL d[kBatch];
+          PT xv[kBatch];
           PM sc[kBatch];
 #pragma unroll
           for (int b = 0; b < kBatch; ++b) {
             const int v = v0 + b * kWarpSize;
             if (v < nvec) {
-              d[b] = load_pack<T, VEC>(a.dh + base + static_cast<int64_t>(v) * VEC);
+              d[b] = load_pack<L, VEC>(a.dh + base + static_cast<int64_t>(v) * VEC);
               xv[b] = load_pack<T, VEC>(a.xn + base + static_cast<int64_t>(v) * VEC);
               sc[b] = load_pack<M, VEC>(scale_n + static_cast<int64_t>(v) * VEC);
             }
@@ -322,7 +335,7 @@ __global__ void __launch_bounds__(kBwdThreads) mln_backward_kernel(BwdArgs<T, M>
         for (int e = 0; e < VEC; ++e) tot[e] = acc(0);
         if (has_dh) {
           const acc mu = stats[s][0], rs = stats[s][1], mg = stats[s][2], mgx = stats[s][3];
-          const PT d = load_pack<T, VEC>(a.dh + off);
+          const PL d = load_pack<L, VEC>(a.dh + off);
           const PT xv = load_pack<T, VEC>(a.xn + off);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
@@ -346,14 +359,14 @@ __global__ void __launch_bounds__(kBwdThreads) mln_backward_kernel(BwdArgs<T, M>
           store_pack<T, VEC>(a.dx + off, w);
         }
         if (has_gate) {
-          const PT yv = load_pack<T, VEC>(a.y + off);
-          PT w;
+          const PL yv = load_pack<L, VEC>(a.y + off);
+          PL w;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            w[e] = static_cast<T>(static_cast<acc>(gt[e]) * tot[e]);
+            w[e] = static_cast<L>(static_cast<acc>(gt[e]) * tot[e]);
             c_g[e] += tot[e] * static_cast<acc>(yv[e]);
           }
-          store_pack<T, VEC>(a.dy + off, w);
+          store_pack<L, VEC>(a.dy + off, w);
         }
       }
       // This thread is the only one touching columns [cofs, cofs + VEC).
@@ -396,8 +409,8 @@ __global__ void mln_column_finalize_kernel(const acc* __restrict__ ws, M* out0, 
 
 // Runs the backward. `outs` are the nq (N, D) contiguous outputs in order
 // [sum dh, sum dh * xhat] (if dh) then [sum dxn_total * y] (if gate).
-template <typename T, typename M>
-void launch_mln_backward(BwdArgs<T, M> a, int64_t samples, std::array<M*, 3> outs, const at::Tensor& like) {
+template <typename T, typename M, typename L>
+void launch_mln_backward(BwdArgs<T, M, L> a, int64_t samples, std::array<M*, 3> outs, const at::Tensor& like) {
   using acc = acc_t<T>;
   constexpr int V = kVec16<T>;
   TORCH_INTERNAL_ASSERT(a.nq == 2 * (a.dh != nullptr) + (a.gate != nullptr));
@@ -414,12 +427,12 @@ void launch_mln_backward(BwdArgs<T, M> a, int64_t samples, std::array<M*, 3> out
                       like.options().dtype(std::is_same_v<acc, double> ? at::kDouble : at::kFloat));
   a.ws = ws.data_ptr();
 
-  const bool vec = a.dim % V == 0 && pack_ok<T, V>(a.dh, a.dim) && pack_ok<T, V>(a.dxn, a.dim) &&
-                   pack_ok<T, V>(a.xn, a.dim) && pack_ok<T, V>(a.y, a.dim) && pack_ok<T, V>(a.dx, a.dim) &&
-                   pack_ok<T, V>(a.dy, a.dim) && pack_ok<M, V>(a.scale, a.scale_stride) &&
+  const bool vec = a.dim % V == 0 && pack_ok<L, V>(a.dh, a.dim) && pack_ok<T, V>(a.dxn, a.dim) &&
+                   pack_ok<T, V>(a.xn, a.dim) && pack_ok<L, V>(a.y, a.dim) && pack_ok<T, V>(a.dx, a.dim) &&
+                   pack_ok<L, V>(a.dy, a.dim) && pack_ok<M, V>(a.scale, a.scale_stride) &&
                    pack_ok<M, V>(a.gate, a.gate_stride);
   const int64_t smem = static_cast<int64_t>(a.nq) * a.dim * static_cast<int64_t>(sizeof(acc));
-  auto kernel = vec ? mln_backward_kernel<T, M, V> : mln_backward_kernel<T, M, 1>;
+  auto kernel = vec ? mln_backward_kernel<T, M, L, V> : mln_backward_kernel<T, M, L, 1>;
   // Without opt-in a launch may use 48 KB of static + dynamic shared memory together (the default
   // max dynamic size is 48 KB minus the static stats[] array), so opt in when the sum exceeds it.
   const int64_t static_smem = 4 * kBwdSub * static_cast<int64_t>(sizeof(acc));
@@ -448,13 +461,42 @@ void launch_mln_backward(BwdArgs<T, M> a, int64_t samples, std::array<M*, 3> out
 // Row stride of an (N, D) modulation tensor, 0 when it has a single row (any stride is legal there).
 inline int64_t mod_stride(const at::Tensor& t) { return t.size(0) <= 1 ? 0 : t.stride(0); }
 
-inline void check_rows_tensor(const at::Tensor& t, const at::Tensor& like, const char* name) {
+// An (N, T, D) tensor on like's device with like's shape and (when check_dtype) like's dtype.
+inline void check_rows_tensor(const at::Tensor& t, const at::Tensor& like, const char* name,
+                              bool check_dtype = true) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but the activations are on ",
               like.device());
   TORCH_CHECK(t.sizes() == like.sizes(), name, " must have shape (N, T, D) = ", like.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(), ", got ",
-              t.scalar_type());
+  if (check_dtype) {
+    TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(), ", got ",
+                t.scalar_type());
+  }
+}
+
+// Branch dtype `branch` against the residual dtype `residual`: equal, or fp16/bf16 with fp32 residual
+// (the rule DIT_DISPATCH_BRANCH_TYPES enforces; checked here first to name the argument).
+inline void check_branch_dtype(at::ScalarType branch, at::ScalarType residual, const char* name,
+                               const char* residual_name) {
+  TORCH_CHECK(branch == residual ||
+                  (residual == at::kFloat && (branch == at::kHalf || branch == at::kBFloat16)),
+              name, " must have the dtype of ", residual_name, " (", residual, "), or be float16/bfloat16 when ",
+              residual_name, " is float32; got ", branch);
+}
+
+// A branch (N, T, D) tensor: like's shape and device, dtype by the branch rule against like.
+inline void check_branch_tensor(const at::Tensor& t, const at::Tensor& like, const char* name,
+                                const char* like_name) {
+  check_rows_tensor(t, like, name, /*check_dtype=*/false);
+  check_branch_dtype(t.scalar_type(), like.scalar_type(), name, like_name);
+}
+
+// With a mixed branch (branch != residual dtype) the modulation must be float32.
+inline void check_mixed_mod(const at::Tensor& mod, at::ScalarType branch, at::ScalarType residual,
+                            const char* name) {
+  TORCH_CHECK(branch == residual || mod.scalar_type() == at::kFloat, name,
+              " must be float32 when the branch dtype (", branch, ") differs from the residual dtype (", residual,
+              "), got ", mod.scalar_type());
 }
 
 inline void check_stats_tensor(const at::Tensor& t, int64_t n, int64_t tokens, const at::Tensor& like,
