@@ -42,6 +42,37 @@
     }                                                                                         \
   })
 
+// Branch dtype (branch_t): the dtype of the gated branch y, of the LayerNorm output h and of their
+// gradients. It equals x.dtype, or it is float16/bfloat16 while the residual stream x (x_new, dx)
+// is float32 and the modulation float32: the layout of bf16 autocast training, where the residual
+// stream stays fp32 and every Linear reads and writes bf16. Reading y and writing h in bf16
+// directly saves the two conversion passes (and the fp32 copies) the model would otherwise need.
+// Dispatch over (scalar_t = x dtype, mod_t, branch_t).
+#define DIT_DISPATCH_BRANCH_TYPES(x_type, branch_type, mod_type, NAME, ...)                         \
+  do {                                                                                              \
+    if ((branch_type) == (x_type)) {                                                                \
+      DIT_DISPATCH_MOD_TYPE(x_type, mod_type, NAME, [&] {                                           \
+        using branch_t = scalar_t;                                                                  \
+        __VA_ARGS__();                                                                              \
+      });                                                                                           \
+    } else {                                                                                        \
+      TORCH_CHECK((x_type) == at::kFloat && ((branch_type) == at::kHalf || (branch_type) == at::kBFloat16), \
+                  NAME ": the branch (y / h / their grads) must have the dtype of the residual stream x, " \
+                  "or be float16/bfloat16 with a float32 x; got ", (branch_type), " with x ", (x_type)); \
+      TORCH_CHECK((mod_type) == at::kFloat, NAME ": modulation must be float32 with a float32 x, got ", \
+                  (mod_type));                                                                      \
+      using scalar_t = float;                                                                       \
+      using mod_t = float;                                                                          \
+      if ((branch_type) == at::kHalf) {                                                             \
+        using branch_t = at::Half;                                                                  \
+        __VA_ARGS__();                                                                              \
+      } else {                                                                                      \
+        using branch_t = at::BFloat16;                                                              \
+        __VA_ARGS__();                                                                              \
+      }                                                                                             \
+    }                                                                                               \
+  } while (0)
+
 // fp32 accumulator for half types, the type itself for float/double.
 template <typename T>
 struct AccType { using type = float; };

@@ -12,19 +12,22 @@ TORCH_LIBRARY(dit_kernels, m) {
   m.def(
       "modulated_layer_norm(Tensor x,"          // (N, T, D), last dim contiguous
       " Tensor shift, Tensor scale,"             // (N, D), unit inner stride
-      " float eps) -> (Tensor, Tensor, Tensor)"  // y (N, T, D) x.dtype; mean, rstd (N, T) fp32
+      " float eps, ScalarType? out_dtype=None)"  // y dtype: x.dtype, or fp16/bf16 with fp32 x
+      " -> (Tensor, Tensor, Tensor)"             // y (N, T, D); mean, rstd (N, T) fp32
   );
   m.def(
-      "_modulated_layer_norm_backward(Tensor grad_y,"  // (N, T, D)
+      "_modulated_layer_norm_backward(Tensor grad_y,"  // (N, T, D) in y's dtype
       " Tensor x, Tensor scale,"                       // as forward
       " Tensor mean, Tensor rstd)"                     // (N, T) fp32
       " -> (Tensor, Tensor, Tensor)"                   // dx (N,T,D); dshift, dscale (N, D) in scale.dtype
   );
 
   // ---- gated residual: out = x + gate * y -----------------------------------------
-  m.def("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor");  // x, y (N,T,D); gate (N,D)
+  // Branch dtype: y (and h, and their grads) share x.dtype, or are fp16/bf16 while x is fp32 (the
+  // fp32 residual stream of bf16 autocast training); see DIT_DISPATCH_BRANCH_TYPES in common.h.
+  m.def("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor");  // x, y (N,T,D); gate (N,D) -> x.dtype
   m.def(
-      "_gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate)"
+      "_gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate)"  // grad_out in x.dtype
       " -> (Tensor, Tensor)"  // dy (N,T,D) y.dtype; dgate (N, D) gate.dtype
   );
 
@@ -32,12 +35,12 @@ TORCH_LIBRARY(dit_kernels, m) {
   m.def(
       "gated_residual_modulated_layer_norm(Tensor x, Tensor y, Tensor gate,"
       " Tensor shift, Tensor scale, float eps)"
-      " -> (Tensor, Tensor, Tensor, Tensor)"  // x_new, h (N,T,D); mean, rstd (N,T) fp32
+      " -> (Tensor, Tensor, Tensor, Tensor)"  // x_new (N,T,D) x.dtype, h (N,T,D) y.dtype; mean, rstd (N,T) fp32
   );
   m.def(
       "_gated_residual_modulated_layer_norm_backward(Tensor? grad_x_new, Tensor? grad_h,"
       " Tensor x_new, Tensor y, Tensor gate, Tensor scale, Tensor mean, Tensor rstd)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"  // dx, dy (N,T,D); dgate, dshift, dscale (N,D)
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"  // dx (x_new.dtype), dy (y.dtype) (N,T,D); dgate, dshift, dscale (N,D)
   );
 
   // ---- patchify / unpatchify (exact permutations) ----------------------------------

@@ -11,6 +11,22 @@ def check_float(name, t):
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
+BRANCH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_branch_dtype(dtype, x_dtype):
+    """The dtype of a block's branch (y, h, their grads): x's own dtype, or float16/bfloat16 with a
+    float32 residual stream x (the layout of bf16 autocast training)."""
+    return dtype == x_dtype or (x_dtype == torch.float32 and dtype in BRANCH_DTYPES)
+
+
+def check_branch_dtype(name, dtype, x_dtype):
+    if not is_branch_dtype(dtype, x_dtype):
+        raise TypeError(
+            f"{name} must have the dtype of x ({x_dtype}), or be float16/bfloat16 with a float32 x; got {dtype}"
+        )
+
+
 def check_rank(name, t, ranks, layout):
     if t.dim() not in ranks:
         raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")

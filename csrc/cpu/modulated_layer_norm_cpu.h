@@ -52,10 +52,11 @@ ModRows<T> mod_rows_of(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.size(0) > 1 ? t.stride(0) : 0};
 }
 
-// One row: two-pass mean / variance of xr, then y = xhat * (1 + scale) + shift.
-template <typename scalar_t, typename mod_t>
+// One row: two-pass mean / variance of xr, then y = xhat * (1 + scale) + shift, stored as out_t
+// (x's dtype, or the half branch dtype with an fp32 x).
+template <typename scalar_t, typename mod_t, typename out_t>
 inline void mln_row_forward(const scalar_t* xr, const mod_t* sh, const mod_t* sc, int64_t D, double eps,
-                            scalar_t* yr, float* mean_out, float* rstd_out) {
+                            out_t* yr, float* mean_out, float* rstd_out) {
   using acc = acc_t<scalar_t>;
   acc sum = 0;
   for (int64_t d = 0; d < D; ++d) sum += static_cast<acc>(xr[d]);
@@ -70,15 +71,16 @@ inline void mln_row_forward(const scalar_t* xr, const mod_t* sh, const mod_t* sc
   *rstd_out = static_cast<float>(rs);
   for (int64_t d = 0; d < D; ++d) {
     const acc xhat = (static_cast<acc>(xr[d]) - mu) * rs;
-    yr[d] = static_cast<scalar_t>(xhat * (acc(1) + static_cast<acc>(sc[d])) + static_cast<acc>(sh[d]));
+    yr[d] = static_cast<out_t>(xhat * (acc(1) + static_cast<acc>(sc[d])) + static_cast<acc>(sh[d]));
   }
 }
 
 // Backward, phase 1 (parallel over rows): per-row coefficients of the LN input gradient,
 //   g = dy * (1 + scale);  c1 = mean_d(g);  c2 = mean_d(g * xhat)
 // so that dx = rstd * (g - c1 - xhat * c2). coefs holds (c1, c2) per row, row r = n*T + t.
-template <typename scalar_t, typename mod_t>
-void mln_backward_row_coefs(const Rows<const scalar_t>& dy, const Rows<const scalar_t>& x,
+// dy is in the branch dtype grad_t (x's dtype, or half with an fp32 x).
+template <typename scalar_t, typename mod_t, typename grad_t>
+void mln_backward_row_coefs(const Rows<const grad_t>& dy, const Rows<const scalar_t>& x,
                             const ModRows<mod_t>& scale, const float* mean, const float* rstd, int64_t N,
                             int64_t T, int64_t D, acc_t<scalar_t>* coefs) {
   using acc = acc_t<scalar_t>;
@@ -86,7 +88,7 @@ void mln_backward_row_coefs(const Rows<const scalar_t>& dy, const Rows<const sca
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / T, t = r % T;
       const scalar_t* xr = x.row(n, t);
-      const scalar_t* dyr = dy.row(n, t);
+      const grad_t* dyr = dy.row(n, t);
       const mod_t* sc = scale.row(n);
       const acc mu = mean[r], rs = rstd[r];
       acc s1 = 0, s2 = 0;

@@ -2,11 +2,16 @@
 modulated LayerNorm: (x_new, h) = (x + gate*y, LN(x + gate*y) * (1 + scale) + shift).
 
 x, y (N, T, D); gate, shift, scale (N, D) any row stride, or shared (D,) / (1, D).
-Reductions (d_gate, d_shift, d_scale, LN statistics) in fp32; outputs in x.dtype.
+Reductions (d_gate, d_shift, d_scale, LN statistics) in fp32; x_new in x.dtype, h in y.dtype.
+
+Branch dtype: y (the attention / MLP output) may be float16/bfloat16 while the residual stream x
+is float32 (bf16 autocast training keeps an fp32 residual and bf16 Linears); h then comes out in
+y's dtype, ready for the next bf16 Linear. This saves the two cast passes (and the fp32 copy of y
+kept for backward) that a same-dtype kernel would need.
 """
 import torch
 
-from .._checks import check_float, check_rank, check_same_device, per_sample
+from .._checks import check_branch_dtype, check_float, check_rank, check_same_device, is_branch_dtype, per_sample
 from .._ext import HAS_EXT, use_ext
 from .modulated_layer_norm import _check_mod_fake, _forbid_double_backward, modulated_layer_norm_ref
 
@@ -19,7 +24,7 @@ __all__ = [
 
 
 def gated_residual_ref(x, y, gate, upcast=True):
-    """Reference: x + gate[:, None] * y, computed in fp32 for half inputs when upcast."""
+    """Reference: x + gate[:, None] * y in x.dtype, computed in fp32 for half inputs when upcast."""
     dtype = x.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
         x, y, gate = x.float(), y.float(), gate.float()
@@ -30,9 +35,9 @@ def gated_residual_ref(x, y, gate, upcast=True):
 
 def gated_residual_modulated_layer_norm_ref(x, y, gate, shift, scale, eps=1e-6, upcast=True):
     """Reference: x_new = x + gate*y (rounded to x.dtype, as the residual stream is stored);
-    h = modulated_layer_norm_ref(x_new, shift, scale)."""
+    h = modulated_layer_norm_ref(x_new, shift, scale) in y.dtype."""
     x_new = gated_residual_ref(x, y, gate, upcast=upcast)
-    return x_new, modulated_layer_norm_ref(x_new, shift, scale, eps, upcast=upcast)
+    return x_new, modulated_layer_norm_ref(x_new, shift, scale, eps, upcast=upcast, out_dtype=y.dtype)
 
 
 def _validate_pair(x, y):
@@ -41,8 +46,7 @@ def _validate_pair(x, y):
     check_rank("x", x, (3,), "(N, T, D)")
     if y.shape != x.shape:
         raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
-    if y.dtype != x.dtype:
-        raise TypeError(f"y must have the dtype of x ({x.dtype}), got {y.dtype}")
+    check_branch_dtype("y", y.dtype, x.dtype)
     if x.numel() and x.stride(2) != 1:
         x = x.contiguous()
     if y.numel() and y.stride(2) != 1:
@@ -54,7 +58,7 @@ def gated_residual(x, y, gate, impl="auto"):
     """out = x + gate[:, None] * y.
 
     Args:
-        x, y: (N, T, D), same float dtype.
+        x, y: (N, T, D); y in x.dtype, or float16/bfloat16 with a float32 x.
         gate: (N, D) any row stride, or (D,) / (1, D); float32 allowed with half x.
         impl: "auto" | "ext" | "ref".
     Returns:
@@ -72,7 +76,8 @@ def gated_residual_modulated_layer_norm(x, y, gate, shift, scale, eps=1e-6, impl
     """(x_new, h): x_new = x + gate*y, h = LN(x_new) * (1 + scale) + shift, in one pass.
 
     The DiT block's attention -> MLP hand-off (and MLP -> next block / final layer).
-    Args as `gated_residual` and `modulated_layer_norm`. Returns two (N, T, D) tensors.
+    Args as `gated_residual` and `modulated_layer_norm`. Returns two (N, T, D) tensors:
+    x_new in x.dtype and h in y.dtype.
     """
     check_same_device(x=x, y=y, gate=gate, shift=shift, scale=scale)
     x, y = _validate_pair(x, y)
@@ -95,10 +100,12 @@ def _grad(g):
 
 if HAS_EXT:
 
-    def _check_pair_fake(x, y, y_name="y"):
+    def _check_pair_fake(x, y, y_name="y", branch=False):
+        """y like x; with branch=True y may also be in a branch dtype of x (see module docstring)."""
         torch._check(x.dim() == 3, lambda: "x must be (N, T, D)")
         torch._check(y.shape == x.shape, lambda: f"{y_name} must have the shape of x")
-        torch._check(y.dtype == x.dtype, lambda: f"{y_name} must have the dtype of x")
+        ok = is_branch_dtype(y.dtype, x.dtype) if branch else y.dtype == x.dtype
+        torch._check(ok, lambda: f"{y_name} dtype {y.dtype} is not allowed with x {x.dtype}")
         torch._check(y.device == x.device, lambda: f"{y_name} is on {y.device} but x is on {x.device}")
 
     def _rows_like(x):
@@ -108,14 +115,14 @@ if HAS_EXT:
 
     @torch.library.register_fake("dit_kernels::gated_residual")
     def _(x, y, gate):
-        _check_pair_fake(x, y)
+        _check_pair_fake(x, y, branch=True)
         _check_mod_fake(x, "gate", gate)
         return _rows_like(x)
 
     @torch.library.register_fake("dit_kernels::_gated_residual_backward")
     def _(grad_out, y, gate):
-        _check_pair_fake(y, grad_out, "grad_out")
-        _check_mod_fake(y, "gate", gate)
+        _check_pair_fake(grad_out, y, branch=True)
+        _check_mod_fake(grad_out, "gate", gate)
         return _rows_like(y), gate.new_empty((y.shape[0], y.shape[2]))
 
     def _gr_setup_context(ctx, inputs, output):
@@ -139,24 +146,25 @@ if HAS_EXT:
 
     @torch.library.register_fake("dit_kernels::gated_residual_modulated_layer_norm")
     def _(x, y, gate, shift, scale, eps):
-        _check_pair_fake(x, y)
+        _check_pair_fake(x, y, branch=True)
         _check_mod_fake(x, "gate", gate)
         _check_mod_fake(x, "shift", shift, like=gate)
         _check_mod_fake(x, "scale", scale, like=gate)
         n, t, _ = x.shape
         stats = x.new_empty((n, t), dtype=torch.float32)
-        return _rows_like(x), _rows_like(x), stats, torch.empty_like(stats)
+        return _rows_like(x), _rows_like(y), stats, torch.empty_like(stats)
 
     @torch.library.register_fake("dit_kernels::_gated_residual_modulated_layer_norm_backward")
     def _(grad_x_new, grad_h, x_new, y, gate, scale, mean, rstd):
-        _check_pair_fake(x_new, y)
-        for name, g in (("grad_x_new", grad_x_new), ("grad_h", grad_h)):
-            if g is not None:
-                _check_pair_fake(x_new, g, name)
+        _check_pair_fake(x_new, y, branch=True)
+        if grad_x_new is not None:
+            _check_pair_fake(x_new, grad_x_new, "grad_x_new")
+        if grad_h is not None:
+            _check_pair_fake(y, grad_h, "grad_h")
         _check_mod_fake(x_new, "gate", gate)
         _check_mod_fake(x_new, "scale", scale, like=gate)
         nd = (x_new.shape[0], x_new.shape[2])
-        return _rows_like(x_new), _rows_like(x_new), gate.new_empty(nd), gate.new_empty(nd), gate.new_empty(nd)
+        return _rows_like(x_new), _rows_like(y), gate.new_empty(nd), gate.new_empty(nd), gate.new_empty(nd)
 
     def _grmln_setup_context(ctx, inputs, output):
         _, y, gate, _, scale, _ = inputs

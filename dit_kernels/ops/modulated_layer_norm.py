@@ -2,19 +2,22 @@
 
 x (N, T, D); shift, scale (N, D) per sample (any row stride, e.g. views from
 ``Linear(c, 6D)(c).chunk(6, dim=1)``) or shared (D,) / (1, D). Statistics and
-reductions in fp32; y in x.dtype; saved for backward: fp32 mean and rstd (N, T).
+reductions in fp32; y in x.dtype, or in out_dtype = float16/bfloat16 for a float32 x (the
+fp32 residual stream of bf16 autocast feeding a bf16 Linear: no separate cast pass); saved
+for backward: fp32 mean and rstd (N, T).
 """
 import torch
 
-from .._checks import check_float, check_rank, check_same_device, per_sample
+from .._checks import check_branch_dtype, check_float, check_rank, check_same_device, is_branch_dtype, per_sample
 from .._ext import HAS_EXT, use_ext
 
 __all__ = ["modulated_layer_norm", "modulated_layer_norm_ref"]
 
 
-def modulated_layer_norm_ref(x, shift, scale, eps=1e-6, upcast=True):
-    """Readable reference. x (N, T, D); shift, scale (N, D) or (D,). Returns y (N, T, D) in x.dtype."""
-    dtype = x.dtype
+def modulated_layer_norm_ref(x, shift, scale, eps=1e-6, upcast=True, out_dtype=None):
+    """Readable reference. x (N, T, D); shift, scale (N, D) or (D,). Returns y (N, T, D) in
+    out_dtype (default x.dtype), rounded once from the x.dtype (fp32 for half x) computation."""
+    dtype = x.dtype if out_dtype is None else out_dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
         x, shift, scale = x.float(), shift.float(), scale.float()
     if shift.dim() == 1:
@@ -24,8 +27,10 @@ def modulated_layer_norm_ref(x, shift, scale, eps=1e-6, upcast=True):
     return y.to(dtype)
 
 
-def _validate(x, shift, scale):
+def _validate(x, shift, scale, out_dtype=None):
     check_float("x", x)
+    if out_dtype is not None:
+        check_branch_dtype("out_dtype", out_dtype, x.dtype)
     check_rank("x", x, (3,), "(N, T, D)")
     check_same_device(x=x, shift=shift, scale=scale)
     n, _, d = x.shape
@@ -36,21 +41,24 @@ def _validate(x, shift, scale):
     return x, shift, scale
 
 
-def modulated_layer_norm(x, shift, scale, eps=1e-6, impl="auto"):
+def modulated_layer_norm(x, shift, scale, eps=1e-6, out_dtype=None, impl="auto"):
     """y = LN(x) * (1 + scale[:, None]) + shift[:, None].
 
     Args:
         x: (N, T, D) float32/float16/bfloat16/float64.
         shift, scale: (N, D) (any row stride) or (D,) / (1, D); may be float32 with half x.
         eps: LayerNorm epsilon (DiT uses 1e-6).
+        out_dtype: dtype of y: None (x.dtype), or float16/bfloat16 for a float32 x.
         impl: "auto" (compiled kernel when available), "ext" (require it), "ref".
     Returns:
-        y: (N, T, D) in x.dtype.
+        y: (N, T, D) in out_dtype (default x.dtype).
     """
-    x, shift_nd, scale_nd = _validate(x, shift, scale)
+    x, shift_nd, scale_nd = _validate(x, shift, scale, out_dtype)
+    if out_dtype == x.dtype:
+        out_dtype = None
     if not use_ext("modulated_layer_norm", impl, x.device):
-        return modulated_layer_norm_ref(x, shift, scale, eps)
-    y, _, _ = torch.ops.dit_kernels.modulated_layer_norm(x, shift_nd, scale_nd, float(eps))
+        return modulated_layer_norm_ref(x, shift, scale, eps, out_dtype=out_dtype)
+    y, _, _ = torch.ops.dit_kernels.modulated_layer_norm(x, shift_nd, scale_nd, float(eps), out_dtype)
     return y
 
 
@@ -86,17 +94,21 @@ def _check_mod_fake(x, name, t, like=None):
 if HAS_EXT:
 
     @torch.library.register_fake("dit_kernels::modulated_layer_norm")
-    def _(x, shift, scale, eps):
+    def _(x, shift, scale, eps, out_dtype=None):
         torch._check(x.dim() == 3, lambda: "x must be (N, T, D)")
         _check_mod_fake(x, "shift", shift)
         _check_mod_fake(x, "scale", scale, like=shift)
+        y_dtype = x.dtype if out_dtype is None else out_dtype
+        torch._check(is_branch_dtype(y_dtype, x.dtype), lambda: f"out_dtype {y_dtype} is not allowed with x {x.dtype}")
         n, t, _ = x.shape
         stats = x.new_empty((n, t), dtype=torch.float32)
-        return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+        y = torch.empty_like(x, dtype=y_dtype, memory_format=torch.contiguous_format)
+        return y, stats, torch.empty_like(stats)
 
     @torch.library.register_fake("dit_kernels::_modulated_layer_norm_backward")
     def _(grad_y, x, scale, mean, rstd):
         torch._check(x.dim() == 3 and grad_y.shape == x.shape, lambda: "grad_y must match x (N, T, D)")
+        torch._check(is_branch_dtype(grad_y.dtype, x.dtype), lambda: f"grad_y dtype {grad_y.dtype} with x {x.dtype}")
         _check_mod_fake(x, "scale", scale)
         n, _, d = x.shape
         return (
@@ -106,20 +118,20 @@ if HAS_EXT:
         )
 
     def _setup_context(ctx, inputs, output):
-        x, shift, scale, eps = inputs
+        x, shift, scale = inputs[:3]
         _, mean, rstd = output
         ctx.save_for_backward(x, scale, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
 
     def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        need_x, need_shift, need_scale, _ = ctx.needs_input_grad
+        need_x, need_shift, need_scale = ctx.needs_input_grad[:3]
         if grad_y is None or not (need_x or need_shift or need_scale):
-            return None, None, None, None
+            return None, None, None, None, None
         x, scale, mean, rstd = ctx.saved_tensors
         dx, dshift, dscale = torch.ops.dit_kernels._modulated_layer_norm_backward(
             grad_y.contiguous(), x, scale, mean, rstd
         )
-        return (dx if need_x else None, dshift if need_shift else None, dscale if need_scale else None, None)
+        return (dx if need_x else None, dshift if need_shift else None, dscale if need_scale else None, None, None)
 
     torch.library.register_autograd(
         "dit_kernels::modulated_layer_norm", _backward, setup_context=_setup_context
