@@ -460,3 +460,98 @@ def test_fused_path_uses_compiled_ops():
         model(x, t, y)
     names = {e.name for e in prof.events()}
     assert {f"dit_kernels::{op}" for op in needed} <= names
+
+
+def test_autocast_fused_trunk_keeps_branches_in_bf16():
+    """Under bf16 autocast the fused trunk keeps the fp32 residual and hands the kernels the bf16
+    branch outputs as they are (no cast ops between blocks); outputs and grads match the plain path."""
+    from dit_models.models.dit import run_dit_trunk
+
+    model = _tiny()
+    model.train()
+    x, t, y = _inputs()
+    tokens = torch.randn(x.shape[0], 16, model.hidden_size)
+    c = torch.randn(x.shape[0], model.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res, h = run_dit_trunk(model.blocks, tokens, c, final_adaLN=model.final_layer.adaLN_modulation, fused=True)
+        assert res.dtype == torch.float32 and h.dtype == torch.bfloat16
+        # no fp32<->bf16 copies of (N, T, D) branch tensors between the fused ops
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run_dit_trunk(model.blocks, tokens, c, final_adaLN=model.final_layer.adaLN_modulation, fused=True)
+    big_casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+                 and len(e.input_shapes[0]) == 3]
+    assert not big_casts, [e.input_shapes for e in big_casts]
+
+    grads = {}
+    for fused in (True, False):
+        model.fused = fused
+        model.zero_grad()
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, y)
+        out.float().square().mean().backward()
+        grads[fused] = (out.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()
+                                                if p.grad is not None})
+    (o1, g1), (o0, g0) = grads[True], grads[False]
+    assert (o1 - o0).abs().max() <= 0.05 * o0.abs().max()
+    for n in g0:
+        err = (g1[n] - g0[n]).norm() / (g0[n].norm() + 1e-12)
+        assert err < 0.05, (n, err.item())
+
+
+def test_autocast_fused_model_compiles_fullgraph():
+    model = _tiny()
+    x, t, y = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x, t, y)
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t, y)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2, name="compiled autocast forward")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mlp_recompute_act(autocast):
+    """Mlp(recompute_act=True) equals the plain MLP in value and gradients and stores less."""
+    from dit_models.models.dit import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    grad_out = torch.randn(2, 5, 16)
+    param_ptrs = {p.data_ptr() for p in mlp.parameters()}
+    results = []
+    for recompute in (False, True):
+        saved = {}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(t.data_ptr(), t), lambda t: t):
+                out = mlp(x, recompute_act=recompute)
+        grads = torch.autograd.grad(out, [x, *mlp.parameters()], grad_out.to(out.dtype))
+        # activation elements of hidden width 64 kept for backward (weights and their casts excluded)
+        hidden = sum(t.numel() for p, t in saved.items() if p not in param_ptrs and t.numel() == 2 * 5 * 64)
+        results.append((out, grads, hidden))
+    (o0, g0, n0), (o1, g1, n1) = results
+    assert o1.dtype == o0.dtype and torch.equal(o1, o0)
+    for a, b in zip(g1, g0):
+        assert a.dtype == b.dtype
+        tol = (2e-2, 2e-2) if autocast else (1e-6, 1e-5)
+        assert_close(a, b, *tol, name="grad")
+    assert n1 == n0 // 2  # only u = fc1(x) kept, not gelu(u)
+
+
+def test_mlp_recompute_in_model_and_compile():
+    model = _tiny()
+    model.train()
+    x, t, y = _inputs()
+    grads = {}
+    for recompute in (True, False):
+        model.mlp_recompute = recompute
+        model.zero_grad()
+        torch.manual_seed(0)
+        model(x, t, y).square().mean().backward()
+        grads[recompute] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    for a, b in zip(grads[True], grads[False]):
+        assert_close(a, b, 1e-6, 1e-5, "grad")
+    model.mlp_recompute = True
+    torch.manual_seed(0)
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t, y)
+    out.square().mean().backward()

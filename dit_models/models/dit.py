@@ -25,7 +25,9 @@ Reusable trunk (MaskDiT / SD-DiT build their encoder and decoder on it)::
 Precision: the timestep embedding is always computed in fp32 (also under autocast and for a
 model cast to bf16) and cast to the model dtype afterwards; LN statistics and modulation run in
 fp32 inside the kernels (and in F.layer_norm under autocast). Under bf16 autocast the residual
-stream stays fp32, as in the reference model under autocast.
+stream stays fp32, as in the reference model under autocast; the fused path then hands the
+kernels the bf16 attention/MLP outputs as they are and takes h back in bf16 for the next Linear
+(the ops' "branch dtype"), so no cast pass or fp32 copy of a branch is made.
 """
 import math
 import warnings
@@ -56,6 +58,7 @@ __all__ = [
     "FinalLayer",
     "DiT",
     "run_dit_trunk",
+    "branch_dtype",
     "get_2d_sincos_pos_embed",
     "get_1d_sincos_pos_embed_from_grid",
     "DiT_models",
@@ -202,8 +205,49 @@ def _flash_ok(qkv):
     return ok
 
 
+class _GeluLinear(torch.autograd.Function):
+    """linear(tanh-GELU(u), weight, bias) that saves u only and recomputes the GELU in backward.
+
+    Autograd of fc2(gelu(u)) keeps both u and gelu(u), two (N, T, 4D) tensors: the largest
+    activations of a DiT block (2 x 2.25 MiB per DiT-XL/2 block and image in bf16, 8 GiB at batch
+    64). Recomputing gelu(u) costs one elementwise pass in backward and saves half of that.
+    Runs in u's dtype (bf16 under autocast, where fc1's output is bf16), like autocast would;
+    weight/bias gradients come back in the parameters' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, u, weight, bias):
+        ctx.save_for_backward(u, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        with torch.autocast(u.device.type, enabled=False):
+            a = F.gelu(u, approximate="tanh")  # (..., 4D)
+            return F.linear(a, weight.to(u.dtype), None if bias is None else bias.to(u.dtype))  # (..., D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u, weight = ctx.saved_tensors
+        need_u, need_w, need_b = ctx.needs_input_grad
+        with torch.autocast(u.device.type, enabled=False):
+            grad_out = grad_out.to(u.dtype)
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (rows, D)
+            du = dw = db = None
+            if need_u:
+                da = grad_out @ weight.to(u.dtype)  # (..., 4D)
+                du = torch.ops.aten.gelu_backward(da, u, approximate="tanh")
+            if need_w:
+                a = F.gelu(u, approximate="tanh").reshape(-1, u.shape[-1])  # recomputed (rows, 4D)
+                dw = (g2.t() @ a).to(weight.dtype)  # (D, 4D)
+            if need_b and ctx.bias_dtype is not None:
+                db = g2.sum(0).to(ctx.bias_dtype)
+        return du, dw, db
+
+
 class Mlp(nn.Module):
-    """Transformer MLP: fc1 (D -> 4D) -> tanh-GELU -> fc2 (4D -> D)."""
+    """Transformer MLP: fc1 (D -> 4D) -> tanh-GELU -> fc2 (4D -> D).
+
+    forward(x, recompute_act=True) gives the same result through _GeluLinear, which does not store
+    the GELU output for backward (the fused DiT path uses it; see DiT(mlp_recompute=...)).
+    """
 
     def __init__(self, in_features, hidden_features):
         super().__init__()
@@ -211,8 +255,11 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, in_features)
 
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x, recompute_act=False):
+        u = self.fc1(x)  # (N, T, 4D)
+        if recompute_act and torch.is_grad_enabled() and u.requires_grad:
+            return _GeluLinear.apply(u, self.fc2.weight, self.fc2.bias)  # (N, T, D)
+        return self.fc2(self.act(u))  # (N, T, D)
 
 
 class DiTBlock(nn.Module):
@@ -256,13 +303,31 @@ class FinalLayer(nn.Module):
         return self.linear(x)
 
 
+def branch_dtype(x):
+    """dtype of the block branches (attention / MLP in and out) for the residual stream x.
+
+    Under fp16/bf16 autocast with an fp32 residual stream the Linears read and write the autocast
+    dtype, so the fused ops take y and emit h in it; otherwise x.dtype.
+    """
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if dtype in (torch.float16, torch.bfloat16):
+            return dtype
+    return x.dtype
+
+
+def _as_branch(y, branch):
+    """A block output as the fused ops take it: in the branch dtype (a no-op under autocast)."""
+    return y if y.dtype == branch else y.to(branch)
+
+
 def _mod_dtype(m, dtype):
     """Kernels take modulation in x.dtype or fp32. Under autocast the adaLN output is bf16 while
     the residual stream is fp32: upcast the small (N, kD) tensor, as the reference's type promotion does."""
     return m if m.dtype in (dtype, torch.float32) else m.to(dtype)
 
 
-def run_dit_trunk(blocks, x, c, final_adaLN=None, fused=True):
+def run_dit_trunk(blocks, x, c, final_adaLN=None, fused=True, mlp_recompute=True):
     """Run DiT blocks over x, optionally ending with the final modulated LayerNorm.
 
     Args:
@@ -271,6 +336,8 @@ def run_dit_trunk(blocks, x, c, final_adaLN=None, fused=True):
         c: (N, D_c) conditioning.
         final_adaLN: None; a module c -> (N, 2D) split as (shift, scale); or a (shift, scale) pair.
         fused: chain dit_kernels ops across blocks (True) or call block(x, c) (False).
+        mlp_recompute: fused path only: recompute the MLP's GELU in backward instead of storing
+            it (Mlp(recompute_act=True)): ~1/4 less activation memory, one extra elementwise pass.
     Returns:
         (x, h_final): x (N, T, D) after the last block; h_final = modulate(LN(x), shift, scale)
         (N, T, D) if final_adaLN is given, else None.
@@ -291,15 +358,16 @@ def run_dit_trunk(blocks, x, c, final_adaLN=None, fused=True):
             h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale)
         return x, h
 
+    branch = branch_dtype(x)
     if len(blocks) == 0:
-        h = None if final_mod is None else dit_kernels.modulated_layer_norm(x, *final_mod)
+        h = None if final_mod is None else dit_kernels.modulated_layer_norm(x, *final_mod, out_dtype=branch)
         return x, h
 
     # All modulations depend only on c: compute them up front so that each block's last
     # fused op can already apply the next block's (or the final layer's) LayerNorm.
     # Chunks are strided (N, D) views of the (N, 6D) output; the kernels read any row stride.
     mods = [_mod_dtype(block.adaLN_modulation(c), x.dtype).chunk(6, dim=1) for block in blocks]
-    h = dit_kernels.modulated_layer_norm(x, mods[0][0], mods[0][1])  # (N, T, D)
+    h = dit_kernels.modulated_layer_norm(x, mods[0][0], mods[0][1], out_dtype=branch)  # (N, T, D)
     for i, block in enumerate(blocks):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
         if i + 1 < len(blocks):
@@ -309,9 +377,9 @@ def run_dit_trunk(blocks, x, c, final_adaLN=None, fused=True):
         else:
             next_shift = next_scale = None
 
-        attn_out = block.attn(h).to(x.dtype)  # (N, T, D); fp32 residual under autocast
+        attn_out = _as_branch(block.attn(h), branch)  # (N, T, D); bf16 beside the fp32 residual under autocast
         x, h = dit_kernels.gated_residual_modulated_layer_norm(x, attn_out, gate_msa, shift_mlp, scale_mlp)
-        mlp_out = block.mlp(h).to(x.dtype)  # (N, T, D)
+        mlp_out = _as_branch(block.mlp(h, recompute_act=mlp_recompute), branch)  # (N, T, D)
         if next_shift is None:  # last block, no final layer: only the residual is needed
             x = dit_kernels.gated_residual(x, mlp_out, gate_mlp)
             h = None
@@ -337,6 +405,10 @@ class DiT(nn.Module):
 
     # SiT sets this to True: forward returns only the first C channels when learn_sigma.
     drop_sigma_channels = False
+    # Fused path: recompute each MLP's GELU in backward rather than store it (run_dit_trunk).
+    # A plain attribute like `fused`; set False to trade ~4 GiB (DiT-XL/2, batch 64, bf16) for
+    # one elementwise pass per block in backward.
+    mlp_recompute = True
 
     def __init__(
         self,
@@ -489,7 +561,8 @@ class DiT(nn.Module):
         channels = self.in_channels if (self.drop_sigma_channels and self.learn_sigma) else None
 
         if self.fused:
-            _, h = run_dit_trunk(self.blocks, x, c, final_adaLN=self.final_layer.adaLN_modulation, fused=True)
+            _, h = run_dit_trunk(self.blocks, x, c, final_adaLN=self.final_layer.adaLN_modulation, fused=True,
+                                 mlp_recompute=self.mlp_recompute)
             out = self.final_layer.linear(h)  # (N, T, p*p*C_out)
             return dit_kernels.unpatchify(out, p, H, W, channels=channels)  # (N, C_out or C, H, W)
 

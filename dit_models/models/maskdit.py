@@ -53,6 +53,7 @@ from dit_models.models.dit import (
     FinalLayer,
     PatchEmbed,
     TimestepEmbedder,
+    branch_dtype,
     get_2d_sincos_pos_embed,
     modulate,
     run_dit_trunk,
@@ -104,7 +105,7 @@ class DecoderLayer(nn.Module):
         if fused:
             if shift.dtype not in (x.dtype, torch.float32):
                 shift, scale = shift.to(x.dtype), scale.to(x.dtype)
-            h = dit_kernels.modulated_layer_norm(x, shift, scale)  # (N, T, D)
+            h = dit_kernels.modulated_layer_norm(x, shift, scale, out_dtype=branch_dtype(x))  # (N, T, D)
         else:
             h = modulate(self.norm_final(x), shift, scale)  # (N, T, D)
         return self.linear(h)  # (N, T, Dd)
