@@ -119,9 +119,9 @@ def test_train_step(benchmark, case):
     state = {"step": 0}
 
     def step():
+        opt.zero_grad(set_to_none=True)  # before the forward: no stale gradients at the memory peak
         with autocast:
             loss = loss_fn(x, y, state["step"])
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         _ema_update(ema_params, params)

@@ -518,9 +518,11 @@ def main(args):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         x = dataset.augment(x, gen)
+        # Free the previous step's gradients before the forward: they would otherwise sit beside the
+        # activations at the memory peak (2.5 GiB for DiT-XL/2).
+        opt.zero_grad(set_to_none=True)
         with autocast:
             loss, logs = objective(train_model, x, y, step)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
