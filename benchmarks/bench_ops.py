@@ -88,6 +88,22 @@ def _grmln_case():
     )
 
 
+def _grmln_autocast_case():
+    """The layout of bf16 autocast training: fp32 residual x, bf16 branch y (and h, dh, dy), fp32 modulation."""
+    x = _rand(N, T, D, dtype=torch.float32)
+    y = _rand(N, T, D, dtype=torch.bfloat16)
+    mods = _rand(N, 6 * D, dtype=torch.float32, scale=0.1).chunk(6, dim=1)
+    elems = N * T * D
+    return dict(
+        inputs=(x, y, mods[2], mods[3], mods[4]),
+        ref=lambda x, y, g, s, c: dk.gated_residual_modulated_layer_norm_ref(x, y, g, s, c),
+        kernel=lambda x, y, g, s, c: dk.gated_residual_modulated_layer_norm(x, y, g, s, c, impl="ext"),
+        op="gated_residual_modulated_layer_norm",
+        bytes_fwd=12 * elems,  # read x 4 + y 2; write x_new 4 + h 2
+        bytes_fwd_bwd=30 * elems,  # + read dx_new 4, dh 2, x_new 4, y 2; write dx 4, dy 2
+    )
+
+
 def _patchify_case(which):
     n, c, h, w, p = PATCH_SHAPES[which]
     x = _rand(n, c, h, w)
@@ -150,6 +166,7 @@ CASES = {
     "modulated_layer_norm": _mln_case,
     "gated_residual": _gr_case,
     "gated_residual_modulated_layer_norm": _grmln_case,
+    "gated_residual_modulated_layer_norm[fp32 x, bf16 y]": _grmln_autocast_case,
     "patchify[latent]": functools.partial(_patchify_case, "latent"),
     "patchify[pixel]": functools.partial(_patchify_case, "pixel"),
     "unpatchify[latent]": functools.partial(_unpatchify_case, "latent"),
