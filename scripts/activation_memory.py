@@ -47,8 +47,8 @@ def saved_bytes(fn, params):
 
 
 def main(argv=None):
-    import dit_models
-    from dit_models.train import build_model
+    import dit_kernels
+    from dit_models.train import build_model, build_objective, get_parser, resolve_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XL/2")
@@ -76,30 +76,15 @@ def main(argv=None):
     model.train()
     params = list(model.parameters())
 
+    # The objective exactly as `python -m dit_models.train --method ... --precision bf16` builds it.
+    objective = build_objective(resolve_args(get_parser().parse_args(
+        ["--method", args.method, "--model", args.model, "--device", "cpu"])))
+
     def loss_fn(batch):
         g = torch.Generator().manual_seed(batch)
         x = torch.randn(batch, 4, args.latent, args.latent, generator=g)
         y = torch.randint(0, 1000, (batch,), generator=g)
-        if args.method == "ddpm":
-            from dit_models.diffusion import create_diffusion
-
-            diffusion = create_diffusion(timestep_respacing="")
-            t = torch.randint(0, 1000, (batch,), generator=g)
-            return lambda: diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
-        if args.method == "sit":
-            from dit_models.transport import create_transport
-
-            transport = create_transport()
-            return lambda: transport.training_losses(model, x, dict(y=y))["loss"].mean()
-        if args.method == "maskdit":
-            from dit_models.models.maskdit import MaskDiTLoss
-
-            objective = MaskDiTLoss(mask_ratio=0.5)
-        else:
-            from dit_models.models.sd_dit import SDDiTLoss
-
-            objective = SDDiTLoss()
-        return lambda: objective(model, x, y, step=0)["loss"].mean()
+        return lambda: objective(model, x, y, 0)[0]
 
     # Batch-independent saved storages (autocast's bf16 weight copies) cancel in the difference.
     totals = {}
@@ -121,7 +106,7 @@ def main(argv=None):
     grads = n_train * 4 / gib
     print(f"{args.model} method={args.method} precision={args.precision} fused={args.fused} "
           f"mlp_recompute={args.mlp_recompute} branch_dtype={args.branch_dtype} "
-          f"(dit_kernels.HAS_EXT={__import__('dit_kernels').HAS_EXT})")
+          f"(dit_kernels.HAS_EXT={dit_kernels.HAS_EXT})")
     print(f"  activations saved for backward: {per_image / 2**20:.1f} MiB per image -> {act:.2f} GiB at batch "
           f"{args.scale_to} (" + ", ".join(f"{k.replace('torch.', '')} {v * args.scale_to / gib:.2f}"
                                           for k, v in sorted(per_dtype.items()) if v) + " GiB)")
