@@ -18,7 +18,7 @@ def modulated_layer_norm_ref(x, shift, scale, eps=1e-6, upcast=True, out_dtype=N
     """Readable reference. x (N, T, D); shift, scale (N, D) or (D,). Returns y (N, T, D) in
     out_dtype (default x.dtype), rounded once from the x.dtype (fp32 for half x) computation."""
     dtype = x.dtype if out_dtype is None else out_dtype
-    if upcast and dtype in (torch.float16, torch.bfloat16):
+    if upcast and x.dtype in (torch.float16, torch.bfloat16):
         x, shift, scale = x.float(), shift.float(), scale.float()
     if shift.dim() == 1:
         shift, scale = shift.unsqueeze(0), scale.unsqueeze(0)
