@@ -37,9 +37,9 @@ def _rand(*shape, dtype=DTYPE, scale=1.0):
     return (torch.randn(*shape, device=DEVICE, dtype=torch.float32) * scale).to(dtype)
 
 
-def _modulation(n, d, parts=6):
+def _modulation(n, d, parts=6, dtype=DTYPE):
     """(N, parts*D) adaLN output chunked into strided (N, D) views, as the model produces them."""
-    return _rand(n, parts * d, scale=0.1).chunk(parts, dim=1)
+    return _rand(n, parts * d, dtype=dtype, scale=0.1).chunk(parts, dim=1)
 
 
 # ---- op table: inputs, reference, kernel, minimal bytes ------------------------------------------
@@ -92,7 +92,7 @@ def _grmln_autocast_case():
     """The layout of bf16 autocast training: fp32 residual x, bf16 branch y (and h, dh, dy), fp32 modulation."""
     x = _rand(N, T, D, dtype=torch.float32)
     y = _rand(N, T, D, dtype=torch.bfloat16)
-    mods = _rand(N, 6 * D, dtype=torch.float32, scale=0.1).chunk(6, dim=1)
+    mods = _modulation(N, D, dtype=torch.float32)
     elems = N * T * D
     return dict(
         inputs=(x, y, mods[2], mods[3], mods[4]),
