@@ -257,7 +257,7 @@ class Mlp(nn.Module):
 
     def forward(self, x, recompute_act=False):
         u = self.fc1(x)  # (N, T, 4D)
-        if recompute_act and torch.is_grad_enabled() and u.requires_grad:
+        if recompute_act and u.requires_grad:  # False under no_grad: nothing to save
             return _GeluLinear.apply(u, self.fc2.weight, self.fc2.bias)  # (N, T, D)
         return self.fc2(self.act(u))  # (N, T, D)
 
