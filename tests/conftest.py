@@ -1,4 +1,13 @@
-"""Shared test utilities: one tolerance table, one verbose comparison, device parametrisation."""
+"""Shared test utilities: one tolerance table, one verbose comparison, device parametrisation.
+
+DIT_EMULATE_CUDA=1 runs the session with the CUDA kernels, emulated on the CPU (tests/cuda_emu),
+registered as the CPU kernels of every dit_kernels op: the CPU tests then exercise the CUDA code.
+"""
+import functools
+import importlib.util
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +21,25 @@ TOLERANCES = {
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+EMULATE_CUDA = os.environ.get("DIT_EMULATE_CUDA", "") == "1"
+# For tests of CPU-only behaviour (e.g. noise drawn from a CPU torch.Generator) that the CUDA kernels
+# do not share; they still run on the GPU's cpu parametrisation and in the plain CPU run.
+cpu_kernel_only = pytest.mark.skipif(EMULATE_CUDA, reason="CPU-kernel behaviour; the emulated CUDA kernel differs")
+
+
+@functools.lru_cache(maxsize=None)  # one module: it holds the override registration alive
+def cuda_emulation():
+    """The tests/cuda_emu/build.py module (builds and loads the emulated CUDA kernels on demand)."""
+    path = Path(__file__).parent / "cuda_emu" / "build.py"
+    spec = importlib.util.spec_from_file_location("dit_cuda_emu_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pytest_configure(config):
+    if EMULATE_CUDA:
+        cuda_emulation().override_cpu_kernels()
 
 
 def devices():

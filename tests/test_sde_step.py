@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TOLERANCES, assert_close, devices, needs_cuda
+from conftest import TOLERANCES, assert_close, cpu_kernel_only, devices, needs_cuda
 from dit_kernels import HAS_EXT, has_kernel
 from dit_kernels.ops.sde_step import (
     sde_euler_maruyama_step,
@@ -147,6 +147,7 @@ def test_empty_and_degenerate_shapes(device):
 
 # ---- CPU generator stream ------------------------------------------------------------------
 @needs_ext
+@cpu_kernel_only
 def test_cpu_generator_matches_reference_and_advances():
     x, out, _ = _inputs("cpu")
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
@@ -187,6 +188,7 @@ def _check_normal(z, z_other):
 
 
 @needs_ext
+@cpu_kernel_only
 def test_cpu_noise_moments():
     shape = (16, 4, 32, 32)
     z = _noise_of(sde_euler_maruyama_step, "cpu", shape, generator=torch.Generator().manual_seed(123), impl="ext")
@@ -252,6 +254,7 @@ def test_table_matches_scalar_op(device, table_dtype):
 
 
 @needs_ext
+@cpu_kernel_only
 def test_table_bad_step_cpu_raises():
     x, out, z = _inputs("cpu")
     coeffs = torch.ones(3, 3, dtype=torch.float64)

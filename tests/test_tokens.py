@@ -7,7 +7,7 @@ import dit_kernels as dk
 from dit_kernels import has_kernel
 from dit_kernels.ops import tokens as tokens_mod
 
-from conftest import TOLERANCES, assert_close, devices, needs_cuda
+from conftest import TOLERANCES, assert_close, cpu_kernel_only, devices, needs_cuda
 
 OPS = torch.ops.dit_kernels if dk.HAS_EXT else None
 
@@ -294,6 +294,7 @@ def test_bad_inputs_python_errors():
         dk.gather_tokens(x, ids, impl="fast")
 
 
+@cpu_kernel_only  # the CUDA kernels assert on the device instead (tests/test_cuda_emulation.py)
 def test_bad_ids_cpu_kernels_raise():
     _needs_kernel("scatter_tokens", "cpu")
     x = torch.randn(2, 5, 4)
