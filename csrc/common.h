@@ -73,6 +73,29 @@
     }                                                                                               \
   } while (0)
 
+namespace dit {
+
+// The branch-dtype rule of DIT_DISPATCH_BRANCH_TYPES, checked by the CPU and CUDA host functions
+// before they allocate or dispatch, so the error names the argument and empty tensors are held to
+// the same rule. `branch` must equal `residual`, or be float16/bfloat16 with a float32 residual.
+inline void check_branch_dtype(at::ScalarType branch, at::ScalarType residual, const char* name,
+                               const char* residual_name) {
+  TORCH_CHECK(branch == residual ||
+                  (residual == at::kFloat && (branch == at::kHalf || branch == at::kBFloat16)),
+              "branch dtype: ", name, " must have the dtype of ", residual_name, " (", residual,
+              "), or be float16/bfloat16 when ", residual_name, " is float32; got ", branch);
+}
+
+// With a mixed branch (branch dtype != residual dtype) the modulation tensor `mod` must be float32.
+inline void check_mixed_mod(const at::Tensor& mod, at::ScalarType branch, at::ScalarType residual,
+                            const char* name) {
+  TORCH_CHECK(branch == residual || mod.scalar_type() == at::kFloat, name,
+              ": modulation must be float32 when the branch dtype (", branch, ") differs from the residual dtype (",
+              residual, "), got ", mod.scalar_type());
+}
+
+}  // namespace dit
+
 // fp32 accumulator for half types, the type itself for float/double.
 template <typename T>
 struct AccType { using type = float; };

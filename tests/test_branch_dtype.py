@@ -166,6 +166,8 @@ def test_bad_branch_dtypes():
     # The C++ checks hold for direct op calls too (clear errors, no garbage).
     with pytest.raises(RuntimeError, match="modulation must be float32"):
         OPS.gated_residual(x, y, gate.bfloat16())
+    with pytest.raises(RuntimeError, match="branch dtype"):  # empty tensors follow the same rule
+        OPS.gated_residual(x[:, :0].half(), y[:, :0], gate.half())
     with pytest.raises(RuntimeError, match="branch"):
         OPS.gated_residual(x.half(), y, gate.half())
     with pytest.raises(RuntimeError, match="branch"):

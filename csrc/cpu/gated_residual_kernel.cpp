@@ -189,8 +189,8 @@ void grmln_backward_cpu_impl(const std::optional<at::Tensor>& grad_x_new, const 
 
 // ---- input checks --------------------------------------------------------------------------
 
-// a, b: (N, T, D) float, same shape, unit inner stride. Same dtype unless b_may_be_branch: then the
-// dispatch (DIT_DISPATCH_BRANCH_TYPES) checks that b's dtype is a valid branch dtype for a.
+// a, b: (N, T, D) float, same shape, unit inner stride. Same dtype unless b_may_be_branch: then b's
+// dtype follows the branch rule against a (dit::check_branch_dtype).
 void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
                 bool b_may_be_branch = false) {
   TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16 ||
@@ -198,8 +198,12 @@ void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b, co
               a_name, " must be float32, float16, bfloat16 or float64, got ", a.scalar_type());
   TORCH_CHECK(a.dim() == 3, a_name, " must have shape (N, T, D), got ", a.sizes());
   TORCH_CHECK(b.sizes() == a.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(), ", got ", b.sizes());
-  TORCH_CHECK(b_may_be_branch || b.scalar_type() == a.scalar_type(), b_name, " must have the dtype of ", a_name,
-              " (", a.scalar_type(), "), got ", b.scalar_type());
+  if (b_may_be_branch) {
+    dit::check_branch_dtype(b.scalar_type(), a.scalar_type(), b_name, a_name);
+  } else {
+    TORCH_CHECK(b.scalar_type() == a.scalar_type(), b_name, " must have the dtype of ", a_name, " (", a.scalar_type(),
+                "), got ", b.scalar_type());
+  }
   TORCH_CHECK(unit_inner_stride(a) && unit_inner_stride(b), a_name, " and ", b_name,
               " must have unit stride in their last dimension");
   TORCH_CHECK(a.device() == b.device(), a_name, " is on ", a.device(), " but ", b_name, " is on ", b.device());
@@ -235,6 +239,7 @@ at::Tensor empty_rows(const at::Tensor& x) {
 at::Tensor gated_residual_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate) {
   check_pair(x, "x", y, "y", /*b_may_be_branch=*/true);
   check_mod(gate, "gate", x, gate);
+  dit::check_mixed_mod(gate, y.scalar_type(), x.scalar_type(), "gate");
   auto out = empty_rows(x);
   if (x.numel() == 0) return out;
   DIT_DISPATCH_BRANCH_TYPES(x.scalar_type(), y.scalar_type(), gate.scalar_type(), "gated_residual_cpu",
@@ -249,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cpu(const at::Tensor&
                                                                const at::Tensor& gate) {
   check_pair(grad_out, "grad_out", y, "y", /*b_may_be_branch=*/true);
   check_mod(gate, "gate", grad_out, gate);
+  dit::check_mixed_mod(gate, y.scalar_type(), grad_out.scalar_type(), "gate");
   auto dy = empty_rows(y);
   auto dgate = at::zeros({y.size(0), y.size(2)}, gate.options());
   if (y.numel() == 0) return {dy, dgate};
@@ -267,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_residual_modula
   check_mod(gate, "gate", x, gate);
   check_mod(shift, "shift", x, gate);
   check_mod(scale, "scale", x, gate);
+  dit::check_mixed_mod(gate, y.scalar_type(), x.scalar_type(), "gate");
   auto x_new = empty_rows(x);
   auto h = empty_rows(y);
   auto mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
@@ -294,6 +301,7 @@ gated_residual_modulated_layer_norm_backward_cpu(const std::optional<at::Tensor>
   if (grad_h.has_value() && grad_h->defined()) check_pair(y, "y", *grad_h, "grad_h");
   check_mod(gate, "gate", x_new, gate);
   check_mod(scale, "scale", x_new, gate);
+  dit::check_mixed_mod(gate, y.scalar_type(), x_new.scalar_type(), "gate");
   check_stats(mean, "mean", x_new);
   check_stats(rstd, "rstd", x_new);
   auto dx = empty_rows(x_new);

@@ -107,6 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_cpu(const at
                                                                         std::optional<at::ScalarType> out_dtype) {
   check_mln_inputs(x, shift, scale);
   const at::ScalarType y_type = out_dtype.value_or(x.scalar_type());
+  dit::check_branch_dtype(y_type, x.scalar_type(), "out_dtype", "x");
+  dit::check_mixed_mod(shift, y_type, x.scalar_type(), "shift");
   auto y = at::empty(x.sizes(), x.options().dtype(y_type).memory_format(at::MemoryFormat::Contiguous));
   auto mean = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
   auto rstd = at::empty_like(mean);
@@ -138,6 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_backward_cpu
   }
   DIT_CHECK_SAME_DEVICE(x, grad_y);
   DIT_CHECK_SAME_DEVICE(x, scale);
+  dit::check_branch_dtype(grad_y.scalar_type(), x.scalar_type(), "grad_y", "x");
+  dit::check_mixed_mod(scale, grad_y.scalar_type(), x.scalar_type(), "scale");
   auto dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   auto dshift = at::zeros({x.size(0), x.size(2)}, scale.options());
   auto dscale = at::zeros({x.size(0), x.size(2)}, scale.options());

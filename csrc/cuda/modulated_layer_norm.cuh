@@ -474,29 +474,11 @@ inline void check_rows_tensor(const at::Tensor& t, const at::Tensor& like, const
   }
 }
 
-// Branch dtype `branch` against the residual dtype `residual`: equal, or fp16/bf16 with fp32 residual
-// (the rule DIT_DISPATCH_BRANCH_TYPES enforces; checked here first to name the argument).
-inline void check_branch_dtype(at::ScalarType branch, at::ScalarType residual, const char* name,
-                               const char* residual_name) {
-  TORCH_CHECK(branch == residual ||
-                  (residual == at::kFloat && (branch == at::kHalf || branch == at::kBFloat16)),
-              name, " must have the dtype of ", residual_name, " (", residual, "), or be float16/bfloat16 when ",
-              residual_name, " is float32; got ", branch);
-}
-
 // A branch (N, T, D) tensor: like's shape and device, dtype by the branch rule against like.
 inline void check_branch_tensor(const at::Tensor& t, const at::Tensor& like, const char* name,
                                 const char* like_name) {
   check_rows_tensor(t, like, name, /*check_dtype=*/false);
   check_branch_dtype(t.scalar_type(), like.scalar_type(), name, like_name);
-}
-
-// With a mixed branch (branch != residual dtype) the modulation must be float32.
-inline void check_mixed_mod(const at::Tensor& mod, at::ScalarType branch, at::ScalarType residual,
-                            const char* name) {
-  TORCH_CHECK(branch == residual || mod.scalar_type() == at::kFloat, name,
-              " must be float32 when the branch dtype (", branch, ") differs from the residual dtype (", residual,
-              "), got ", mod.scalar_type());
 }
 
 inline void check_stats_tensor(const at::Tensor& t, int64_t n, int64_t tokens, const at::Tensor& like,
