@@ -196,15 +196,17 @@ def _ids(n, t, k, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 16, 8, 64), (3, 9, 4, 59), (1, 300, 150, 8)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 16, 8, 64, 0), (3, 9, 4, 59, 0), (1, 300, 150, 8, 0), (2, 32, 13, 1152, 0),
+                                   (2, 16, 8, 64, 1)], ids=str)
 @vs_cpu_kernels
 def test_gather_and_scatter_tokens(dtype, shape):
-    n, t, k, d = shape
+    n, t, k, d, misalign = shape
     torch.manual_seed(5)
     ids = _ids(n, t, k, 5)
-    x = torch.randn(n, t, d).to(dtype)
+    x = _offset(torch.randn(n, t, d).to(dtype), misalign)
     kept = compare_with_cpu("gather_tokens", x, ids)
     compare_with_cpu("_gather_tokens_backward", torch.randn_like(kept), ids, t)
+    kept = _offset(kept, misalign)
     for fill in (torch.randn(d).to(dtype), torch.randn(d), torch.randn(n, t, d).to(dtype)):
         out = compare_with_cpu("scatter_tokens", kept, ids, fill, t)
         compare_with_cpu("_scatter_tokens_backward", torch.randn_like(out), ids, fill.dim() == 3, fill.dtype, grad=True)
@@ -239,6 +241,16 @@ def test_sde_step_explicit_noise(dtype, spatial, cfg):
     compare_with_cpu("sde_euler_maruyama_step", x, out, 0.9, -0.05, 0.1, 4.0, 2, z, None)
     coeffs = torch.tensor([[1.0, 0.1, 0.0], [0.95, -0.02, 0.3]], dtype=acc)
     compare_with_cpu("sde_euler_maruyama_step_table", x, out, coeffs, torch.tensor([1]), 4.0, 2, z, None)
+
+
+def test_sde_step_table_step_out_of_range_gives_nan():
+    """The CUDA table step cannot raise without a host sync: an out-of-range step poisons the result."""
+    x, out = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    coeffs = torch.ones(3, 3, dtype=torch.float64)
+    for step in (-1, 3):
+        x_next, x_mean = torch.ops.dit_emu.sde_euler_maruyama_step_table(
+            x, out, coeffs, torch.tensor(step), 1.0, 2, torch.randn(1, 2, 4, 4), None)
+        assert x_next.isnan().all() and x_mean.isnan().all()
 
 
 @pytest.mark.parametrize("spatial", [(8, 8), (3, 5)], ids=str)
