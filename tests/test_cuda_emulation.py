@@ -91,11 +91,11 @@ def _modulation(n, d, dtype, count=3):
 
 # (N, T, D, misalign): vector rows, odd D (scalar path), rows past the register cache, many tiles,
 # D whose backward needs the >48 KB shared-memory opt-in (fp32: 12 B per column with a gate).
-MLN_SHAPES = [(2, 5, 64, 0), (1, 3, 59, 0), (2, 3, 1600, 0), (2, 40, 32, 0), (1, 2, 128, 1)]
+ROW_SHAPES = [(2, 5, 64, 0), (1, 3, 59, 0), (2, 3, 1600, 0), (2, 40, 32, 0), (1, 2, 128, 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", MLN_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
 @vs_cpu_kernels
 def test_modulated_layer_norm(dtype, shape):
     n, t, d, misalign = shape
@@ -120,34 +120,33 @@ def test_modulated_layer_norm_broadcast_modulation_and_branch_dtype():
 
 # ---- gated residual (+ modulated LayerNorm) -----------------------------------------------------
 
-GR_SHAPES = [(2, 5, 64, 0), (1, 3, 59, 0), (2, 3, 1600, 0), (2, 40, 32, 0), (1, 2, 128, 1)]
 BRANCH = [(d, d) for d in DTYPES] + [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
 
 
-@pytest.mark.parametrize("dtypes", BRANCH, ids=lambda p: f"{p[0]}-{p[1]}".replace("torch.", ""))
-@pytest.mark.parametrize("shape", GR_SHAPES, ids=str)
-@vs_cpu_kernels
-def test_gated_residual(dtypes, shape):
+def _residual_inputs(dtypes, shape, seed, mod_count):
+    """x (misaligned by shape[3] elements), the branch y, and mod_count modulation views."""
     xd, yd = dtypes
     n, t, d, misalign = shape
-    torch.manual_seed(2)
+    torch.manual_seed(seed)
     x = _offset(torch.randn(n, t, d, dtype=xd), misalign)
     y = torch.randn(n, t, d, dtype=yd)
-    (gate,) = _modulation(n, d, xd, 1)
+    return (x, y) + tuple(_modulation(n, d, xd, mod_count))
+
+
+@pytest.mark.parametrize("dtypes", BRANCH, ids=lambda p: f"{p[0]}-{p[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
+@vs_cpu_kernels
+def test_gated_residual(dtypes, shape):
+    x, y, gate = _residual_inputs(dtypes, shape, 2, 1)
     out = compare_with_cpu("gated_residual", x, y, gate)
     compare_with_cpu("_gated_residual_backward", torch.randn_like(out), y, gate, grad=True)
 
 
 @pytest.mark.parametrize("dtypes", BRANCH, ids=lambda p: f"{p[0]}-{p[1]}".replace("torch.", ""))
-@pytest.mark.parametrize("shape", GR_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
 @vs_cpu_kernels
 def test_gated_residual_modulated_layer_norm(dtypes, shape):
-    xd, yd = dtypes
-    n, t, d, misalign = shape
-    torch.manual_seed(3)
-    x = _offset(torch.randn(n, t, d, dtype=xd), misalign)
-    y = torch.randn(n, t, d, dtype=yd)
-    gate, shift, scale = _modulation(n, d, xd, 3)
+    x, y, gate, shift, scale = _residual_inputs(dtypes, shape, 3, 3)
     x_new, h, mean, rstd = compare_with_cpu("gated_residual_modulated_layer_norm", x, y, gate, shift, scale, 1e-6)
     g_x, g_h = torch.randn_like(x_new), torch.randn_like(h)
     bwd = "_gated_residual_modulated_layer_norm_backward"
@@ -160,10 +159,7 @@ def test_gated_residual_modulated_layer_norm(dtypes, shape):
 @vs_cpu_kernels
 def test_backward_shared_memory_opt_in(dtype, d):
     """Column sums of 3 x D accumulators need more than 48 KB: the launch must opt in first."""
-    torch.manual_seed(4)
-    x = torch.randn(1, 2, d, dtype=dtype)
-    y = torch.randn(1, 2, d, dtype=dtype)
-    gate, shift, scale = _modulation(1, d, dtype, 3)
+    x, y, gate, shift, scale = _residual_inputs((dtype, dtype), (1, 2, d, 0), 4, 3)
     x_new, h, mean, rstd = compare_with_cpu("gated_residual_modulated_layer_norm", x, y, gate, shift, scale, 1e-6)
     compare_with_cpu("_gated_residual_modulated_layer_norm_backward", torch.randn_like(x_new), torch.randn_like(h),
                      x_new, y, gate, scale, mean, rstd, grad=True)
