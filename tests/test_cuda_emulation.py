@@ -325,6 +325,7 @@ def test_emulator_detects_a_missing_barrier():
     (3, "deadlock"),
     (4, "dynamic shared memory"),
     (5, "static \\+ dynamic shared memory"),
+    (6, "misaligned address"),
 ])
 def test_emulator_reports_invalid_kernels(case, message):
     with pytest.raises(RuntimeError, match=message):

@@ -12,6 +12,8 @@ Rewrites (text, on copies under build/cuda_emu/src):
   extern __shared__ T name[];                   ->  T* name = (T*)::dit_emu::dynamic_smem();
   __shared__ T name[..];                        ->  static T name[..]; ::dit_emu::poison_shared(name, sizeof(name));
   .is_cuda()                                    ->  .is_cpu()   (the emulated device is the host)
+  reinterpret_cast<To>(p)                       ->  ::dit_emu::checked_cast<To>(p) (faults on a misaligned
+                                                    pointer cast inside a kernel, as a vector access would)
   CUDA_KERNEL_ASSERT[_MSG]                      ->  DIT_EMU_KERNEL_ASSERT[_MSG] (raises instead of aborting)
   TORCH_LIBRARY[_FRAGMENT](dit_kernels, ...)    ->  ...(dit_emu, ...)
   TORCH_LIBRARY_IMPL(dit_kernels, CUDA, m)      ->  TORCH_LIBRARY_IMPL(dit_emu, CPU, m)
@@ -19,7 +21,9 @@ Rewrites (text, on copies under build/cuda_emu/src):
 
 What it does not check: speed, memory coalescing, the real compiler's code generation, fast-math
 precision, and races that do not change the result under the three schedules (ascending,
-descending, random). Out-of-bounds accesses are caught only when they corrupt a checked value.
+descending, random). Out-of-bounds accesses are caught only when they corrupt a checked value;
+misaligned vector accesses only where the kernel forms the pointer with reinterpret_cast (all
+current vector paths do).
 
 Usage: ``load()`` builds once (ninja, cached under build/cuda_emu) and loads the library;
 ``python tests/cuda_emu/build.py`` does the same from the command line. ``DIT_EMULATE_CUDA=1
@@ -110,6 +114,7 @@ def patch_source(text):
     if "__shared__" in text:
         raise ValueError("a __shared__ declaration the emulation cannot rewrite")
     text = text.replace(".is_cuda()", ".is_cpu()")
+    text = re.sub(r"\breinterpret_cast<", "::dit_emu::checked_cast<", text)
     text = re.sub(r"\bCUDA_KERNEL_ASSERT(_MSG)?\b", r"DIT_EMU_KERNEL_ASSERT\1", text)
     text = re.sub(r"TORCH_LIBRARY(_FRAGMENT)?\(\s*dit_kernels\s*,", r"TORCH_LIBRARY\1(dit_emu,", text)
     text = re.sub(r"TORCH_LIBRARY_IMPL\(\s*dit_kernels\s*,\s*CUDA\s*,", "TORCH_LIBRARY_IMPL(dit_emu, CPU,", text)

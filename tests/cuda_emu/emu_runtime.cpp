@@ -306,6 +306,16 @@ void device_assert(const char* cond, const char* msg, const char* file, int line
   std::abort();
 }
 
+bool in_kernel() { return rt().current >= 0; }
+
+void misaligned_access(const void* p, size_t alignment, const char* type) {
+  std::ostringstream os;
+  os << "misaligned address: " << p << " is not " << alignment << "-byte aligned for the access in " << type;
+  fail(os.str());
+  yield_to_scheduler(State::kDone);  // the thread faults; the launch reports the error
+  std::abort();
+}
+
 void set_max_dynamic_smem(void* kernel_id, int bytes) { rt().max_dynamic_smem[kernel_id] = bytes; }
 
 cudaDeviceProp* device_properties() { return &rt().props; }

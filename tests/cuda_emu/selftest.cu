@@ -56,6 +56,12 @@ __global__ void static_plus_dynamic_smem_kernel(float* out) {
   out[threadIdx.x] = fixed[threadIdx.x] + dyn[threadIdx.x];
 }
 
+// Case 6: a 16-byte vector load from an address that is only 4-byte aligned.
+__global__ void misaligned_vector_load_kernel(const float* in, float* out) {
+  const float4 v = *reinterpret_cast<const float4*>(in + 1);
+  out[threadIdx.x] = v.x;
+}
+
 int64_t emu_selftest(int64_t which) {
   auto stream = at::cuda::getCurrentCUDAStream();
   auto result = at::zeros({1}, at::kLong);
@@ -76,6 +82,9 @@ int64_t emu_selftest(int64_t which) {
       return 0;
     case 5:
       static_plus_dynamic_smem_kernel<<<1, kThreads, 16 * 1024, stream>>>(buf.data_ptr<float>());
+      return 0;
+    case 6:
+      misaligned_vector_load_kernel<<<1, 32, 0, stream>>>(buf.data_ptr<float>(), buf.data_ptr<float>());
       return 0;
     default:
       TORCH_CHECK(false, "unknown self-test ", which);

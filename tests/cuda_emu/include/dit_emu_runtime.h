@@ -79,6 +79,24 @@ void set_max_dynamic_smem(void* kernel_id, int bytes);
 [[noreturn]] void device_assert(const char* cond, const char* msg, const char* file, int line);
 cudaDeviceProp* device_properties();
 
+bool in_kernel();
+void misaligned_access(const void* p, size_t alignment, const char* type);
+
+// reinterpret_cast<To>(p) is rewritten to checked_cast<To>(p): inside a kernel, a pointer cast to a
+// type whose alignment the address does not meet is the hardware's "misaligned address" fault
+// (a vector load or store through it); the host CPU would tolerate it silently.
+template <typename To, typename From>
+inline To checked_cast(From p) {
+  if constexpr (std::is_pointer_v<To> && std::is_pointer_v<From>) {
+    using Pointee = std::remove_cv_t<std::remove_pointer_t<To>>;
+    if constexpr (!std::is_void_v<Pointee> && !std::is_function_v<Pointee>) {
+      if (in_kernel() && reinterpret_cast<uintptr_t>(p) % alignof(Pointee) != 0)
+        misaligned_access(reinterpret_cast<const void*>(p), alignof(Pointee), __PRETTY_FUNCTION__);
+    }
+  }
+  return reinterpret_cast<To>(p);
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...) is rewritten to launch(kernel, grid, block, smem, stream)(args...).
 template <typename... P>
 struct Launch {
