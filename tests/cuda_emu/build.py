@@ -174,13 +174,23 @@ def load(verbose=False):
         # a CUDA build of torch in the process the real ones exist too, so keep ours private and bound here.
         "-fvisibility=hidden",
     ]
+    ldflags = ["-Wl,-Bsymbolic"]
+    name, build_dir = "dit_cuda_emu", BUILD
+    if os.environ.get("DIT_EMU_SANITIZE") == "address":
+        # Out-of-bounds kernel accesses to tensor memory: run the process with the sanitizer runtime
+        # preloaded (LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0), so that
+        # torch's CPU allocations get red zones; see .ci/run.
+        cflags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        ldflags += ["-fsanitize=address"]
+        name, build_dir = "dit_cuda_emu_asan", BUILD / "asan"
+    build_dir.mkdir(parents=True, exist_ok=True)
     lib = cpp_extension.load(
-        name="dit_cuda_emu",
+        name=name,
         sources=[str(u) for u in units],
         extra_cflags=cflags,
         extra_include_paths=[str(include), str(SRC)],
-        extra_ldflags=["-Wl,-Bsymbolic"],
-        build_directory=str(BUILD),
+        extra_ldflags=ldflags,
+        build_directory=str(build_dir),
         is_python_module=False,
         with_cuda=False,
         verbose=verbose,
