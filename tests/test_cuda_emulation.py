@@ -48,9 +48,8 @@ def run_emulated(name, *args):
     torch.ops.dit_emu._emu_configure(0, 0, 2)
     for order, res in zip(ORDERS[1:], results[1:]):
         for i, (a, b) in enumerate(zip(results[0], res)):
-            assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num()), (
-                f"{name} output {i} depends on the thread schedule (order {order})"
-            )
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{name} output {i} depends on the thread schedule (order {order})")
     inputs = [a for a in args if isinstance(a, torch.Tensor)]
     for i, (a, s) in enumerate(zip(inputs, snapshots)):
         assert torch.equal(a, s), f"{name} modified its input {i}"

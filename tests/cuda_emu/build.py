@@ -89,10 +89,11 @@ def rewrite_launches(text):
         label = re.search(r"(?<!:):(?!:)", text[stmt:start][::-1])  # a `case x:` / `default:` label
         if label:
             stmt = start - label.start()
-        kernel = text[stmt:start].strip()
+        segment = text[stmt:start]
+        kernel = segment.strip()
         if not kernel:
             raise ValueError(f"no kernel name before <<< at offset {start}")
-        lead = text[stmt:start][: len(text[stmt:start]) - len(text[stmt:start].lstrip())]
+        lead = segment[: len(segment) - len(segment.lstrip())]
         pieces.append(text[pos:stmt])
         pieces.append(f"{lead}::dit_emu::launch({kernel}, {text[start + 3:end].strip()})")
         pos = end + 3
@@ -161,7 +162,6 @@ def load(verbose=False):
     from torch.utils import cpp_extension
 
     units = generate_sources()
-    BUILD.mkdir(parents=True, exist_ok=True)
     include = HERE / "include"
     cflags = [
         "-O1",  # the emulation is dominated by fiber switches; -O1 keeps the build short

@@ -106,6 +106,14 @@ void yield_to_scheduler(State s) {
   swapcontext(&f.ctx, &r.scheduler);
 }
 
+// The executing thread faults: the launch reports `msg`, the thread is never resumed (as on the hardware).
+[[noreturn]] void trap(const std::string& msg) {
+  TORCH_CHECK(rt().current >= 0, "dit_emu: ", msg, " (outside of an emulated kernel)");
+  fail(msg);
+  yield_to_scheduler(State::kDone);
+  std::abort();
+}
+
 std::vector<int> sweep_order(int n) {
   Runtime& r = rt();
   std::vector<int> order(n);
@@ -253,19 +261,13 @@ void syncthreads() { yield_to_scheduler(State::kAtBlockBarrier); }
 void shfl_xor(unsigned int mask, const void* in, void* out, size_t bytes, int lane_mask, int width) {
   Runtime& r = rt();
   TORCH_CHECK(bytes <= 16, "dit_emu: shuffle of more than 16 bytes");
-  if (mask != 0xffffffffu || width != 32) {
-    fail("only full-warp shuffles (mask 0xffffffff, width 32) are emulated");
-    yield_to_scheduler(State::kAtWarpBarrier);
-  }
+  if (mask != 0xffffffffu || width != 32) trap("only full-warp shuffles (mask 0xffffffff, width 32) are emulated");
   const int t = r.current;
   std::memcpy(r.shuffle_slots[t].data(), in, bytes);
   r.shuffles++;
   yield_to_scheduler(State::kAtWarpBarrier);  // every lane has published its value
   const int src = (t - t % 32) + ((t % 32) ^ lane_mask);
-  if (src >= r.nthreads) {
-    fail("shuffle reads lane " + std::to_string(src % 32) + " of a partial warp");
-    yield_to_scheduler(State::kAtWarpBarrier);
-  }
+  if (src >= r.nthreads) trap("shuffle reads lane " + std::to_string(src % 32) + " of a partial warp");
   std::memcpy(out, r.shuffle_slots[src].data(), bytes);
   yield_to_scheduler(State::kAtWarpBarrier);  // every lane has read before the slots are reused
 }
@@ -298,12 +300,8 @@ void poison_shared(void* p, size_t bytes) {
 }
 
 void device_assert(const char* cond, const char* msg, const char* file, int line) {
-  fail(std::string("device-side assert triggered: ") + msg + " (" + cond + " at " + file + ":" +
+  trap(std::string("device-side assert triggered: ") + msg + " (" + cond + " at " + file + ":" +
        std::to_string(line) + ")");
-  Runtime& r = rt();
-  TORCH_CHECK(r.current >= 0, "dit_emu: device assert outside of an emulated kernel");
-  yield_to_scheduler(State::kDone);  // never resumed: the thread traps, like the hardware's
-  std::abort();
 }
 
 bool in_kernel() { return rt().current >= 0; }
@@ -311,9 +309,7 @@ bool in_kernel() { return rt().current >= 0; }
 void misaligned_access(const void* p, size_t alignment, const char* type) {
   std::ostringstream os;
   os << "misaligned address: " << p << " is not " << alignment << "-byte aligned for the access in " << type;
-  fail(os.str());
-  yield_to_scheduler(State::kDone);  // the thread faults; the launch reports the error
-  std::abort();
+  trap(os.str());
 }
 
 void set_max_dynamic_smem(void* kernel_id, int bytes) { rt().max_dynamic_smem[kernel_id] = bytes; }
