@@ -7,6 +7,7 @@ Environment:
   MAX_JOBS                parallel compile jobs (ninja)
   NVCC_FLAGS              extra nvcc flags
   DEBUG=1                 -O0 -g
+  DIT_WHEEL_CUDA_HEADERS=0  do not add the torch wheel's nvidia/*/include dirs to CPATH
 """
 import glob
 import os
@@ -29,6 +30,19 @@ def _want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _add_wheel_cuda_headers():
+    """Append the CUDA library headers that pip's torch wheel ships (site-packages/nvidia/*/include,
+    e.g. cusparse.h, cublas_v2.h) to CPATH, after any -I path: a CUDA install that has only nvcc then
+    still compiles ATen's CUDA headers, and a full toolkit's own headers keep precedence."""
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    found = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    if found:
+        current = [p for p in os.environ.get("CPATH", "").split(os.pathsep) if p]
+        os.environ["CPATH"] = os.pathsep.join(current + [d for d in found if d not in current])
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -40,6 +54,8 @@ def _extensions():
     extra_link = ["-fopenmp"]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        if os.environ.get("DIT_WHEEL_CUDA_HEADERS", "1") == "1":
+            _add_wheel_cuda_headers()
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc_flags = opt + [
             "--use_fast_math",

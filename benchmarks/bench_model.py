@@ -44,14 +44,15 @@ def _build(kw, **extra):
     import dit_models
 
     kw = dict(kw)
-    if "model" in kw:
-        name = kw.pop("model")
-        registry = next(r for r in (dit_models.DiT_models, dit_models.SiT_models, dit_models.MaskDiT_models,
-                                    dit_models.SDDiT_models) if name in r)
-        model = registry[name](input_size=LATENT, num_classes=NUM_CLASSES, **kw, **extra)
-    else:
-        cls = getattr(dit_models, kw.pop("cls"))
-        model = cls(input_size=LATENT, patch_size=2, num_classes=NUM_CLASSES, **kw, **extra)
+    with torch.device(DEVICE):  # initialise on the device: an XL model's CPU init costs seconds of GPU lease
+        if "model" in kw:
+            name = kw.pop("model")
+            registry = next(r for r in (dit_models.DiT_models, dit_models.SiT_models, dit_models.MaskDiT_models,
+                                        dit_models.SDDiT_models) if name in r)
+            model = registry[name](input_size=LATENT, num_classes=NUM_CLASSES, **kw, **extra)
+        else:
+            cls = getattr(dit_models, kw.pop("cls"))
+            model = cls(input_size=LATENT, patch_size=2, num_classes=NUM_CLASSES, **kw, **extra)
     return model.to(DEVICE)
 
 

@@ -1,11 +1,17 @@
 """Benchmark helpers: device facts, robust timing, copy bandwidth, result records.
 
 Timing: warm-up rounds (compile excluded), then timed rounds with a device sync, median with
-p20/p80. GB/s come from the op's minimal bytes (each input read once, each output written once).
+p20/p80. On CUDA each round times `inner` back-to-back calls between two events and divides, with
+`inner` chosen so that a round lasts >= ~1 ms: the host's launch overhead (10-30 us per op call)
+then overlaps the GPU work of the previous call instead of being counted inside a ~100 us op.
+Every record is also appended as one JSON line to $DIT_BENCH_JSONL when set, so that a run cut
+short by a time limit keeps what it measured. GB/s come from the op's minimal bytes (each input read once, each output written once).
 Shapes come from the model registry (DiT-XL/2 @ 256 px -> T = 256, D = 1152) on CUDA, and small
 shapes on CPU so that `pytest benchmarks --benchmark-only` finishes in minutes.
 """
 import functools
+import json
+import math
 import os
 import platform
 import statistics
@@ -24,22 +30,36 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_fn(fn, warmup=3, rounds=20):
-    """Median, p20, p80 seconds of fn() over `rounds` calls (CUDA events on GPU)."""
+def time_fn(fn, warmup=3, rounds=20, min_round_s=1e-3, max_inner=50):
+    """Median, p20, p80 seconds per fn() call over `rounds` rounds (CUDA events on GPU).
+
+    On CUDA a round is `inner` back-to-back calls (see the module docstring); inner = 1 on the CPU,
+    where there is no asynchronous queue to fill.
+    """
     if SMOKE:
         warmup, rounds = 1, 1
     for _ in range(warmup):
         fn()
     sync()
+    inner = 1
+    if ON_CUDA and not SMOKE:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        single = max(start.elapsed_time(end) / 1e3, 1e-6)
+        inner = max(1, min(max_inner, math.ceil(min_round_s / single)))
     times = []
     for _ in range(rounds):
         if ON_CUDA:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / inner)
         else:
             t0 = time.perf_counter()
             fn()
@@ -88,6 +108,10 @@ def record(benchmark, name, provider, mode, seconds, nbytes=None, flops=None, **
     if flops is not None:
         info["TFLOP/s"] = flops / med / 1e12
     benchmark.extra_info.update(info)
+    jsonl = os.environ.get("DIT_BENCH_JSONL")
+    if jsonl:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(info) + "\n")
     return info
 
 

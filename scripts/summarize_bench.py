@@ -1,16 +1,19 @@
-"""Print a markdown table from a pytest-benchmark JSON written by `pytest benchmarks`."""
+"""Print a markdown table from a pytest-benchmark JSON written by `pytest benchmarks`, or from the
+JSON-lines file of records that benchmarks/common.py appends to when DIT_BENCH_JSONL is set."""
 import json
 import sys
 
 
 def main(path):
     with open(path) as f:
-        data = json.load(f)
+        if path.endswith(".jsonl"):
+            infos = [json.loads(line) for line in f if line.strip()]
+        else:
+            infos = [b.get("extra_info", {}) for b in json.load(f)["benchmarks"]]
     rows = {}
     model_rows = []
     meta = None
-    for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
+    for info in infos:
         if "op" not in info:
             continue
         meta = meta or info
