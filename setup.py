@@ -30,17 +30,14 @@ def _want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-def _add_wheel_cuda_headers():
-    """Append the CUDA library headers that pip's torch wheel ships (site-packages/nvidia/*/include,
-    e.g. cusparse.h, cublas_v2.h) to CPATH, after any -I path: a CUDA install that has only nvcc then
-    still compiles ATen's CUDA headers, and a full toolkit's own headers keep precedence."""
-    import torch
+def _build_helpers():
+    """dit_kernels/_build.py, loaded by path: the package itself is not importable before the build."""
+    import importlib.util
 
-    site = os.path.dirname(os.path.dirname(torch.__file__))
-    found = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
-    if found:
-        current = [p for p in os.environ.get("CPATH", "").split(os.pathsep) if p]
-        os.environ["CPATH"] = os.pathsep.join(current + [d for d in found if d not in current])
+    spec = importlib.util.spec_from_file_location("dit_kernels_build", os.path.join(ROOT, "dit_kernels", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
@@ -51,11 +48,12 @@ def _extensions():
     cxx_flags = opt + ["-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     define_macros = [("Py_LIMITED_API", "0x03090000")]
-    extra_link = ["-fopenmp"]
+    helpers = _build_helpers()
+    extra_link = ["-fopenmp"] + helpers.shared_libstdcxx_link_args()
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         if os.environ.get("DIT_WHEEL_CUDA_HEADERS", "1") == "1":
-            _add_wheel_cuda_headers()
+            helpers.add_wheel_cuda_headers_to_cpath()
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc_flags = opt + [
             "--use_fast_math",

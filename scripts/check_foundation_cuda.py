@@ -23,7 +23,10 @@ FAIL = []
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def close(name, got, exp, dtype):
+def close(name, got, exp, dtype, terms=0.0):
+    """terms: the magnitude of the terms that cancel in exp (e.g. rstd * |dy * (1 + scale)| in a
+    LayerNorm dx), where it exceeds |exp|: at D = 1, rstd = 1/sqrt(eps) = 1000 and dx is rounding
+    noise of size 1e-8 * 1000, whatever order the kernel sums in (seen on the H200, 2026-11-30)."""
     got, exp = got.detach().cpu().double(), exp.detach().cpu().double()
     if got.shape != exp.shape:
         FAIL.append(f"{name}: shape {tuple(got.shape)} vs {tuple(exp.shape)}")
@@ -33,7 +36,7 @@ def close(name, got, exp, dtype):
     if not torch.isfinite(got).all():
         FAIL.append(f"{name}: non-finite values")
         return
-    err = (got - exp).abs().max().item() / max(1.0, exp.abs().max().item())
+    err = (got - exp).abs().max().item() / max(1.0, exp.abs().max().item(), float(terms))
     if err > TOL[dtype]:
         FAIL.append(f"{name}: rel err {err:.3g} > {TOL[dtype]:.1g}")
 
@@ -86,8 +89,9 @@ def check_norm_ops(shape, dtype, mod_dtype, kind, misaligned=False):
     _, mean, rstd = exp
     res = ops._modulated_layer_norm_backward(dh, x, scale, mean.cuda(), rstd.cuda())
     exp = ops._modulated_layer_norm_backward(*cpu([dh, x, scale]), mean, rstd)
+    dx_terms = rstd.max().item() * dh.abs().max().item() * (1 + scale.abs().max().item())
     for nm, a, b in zip(("dx", "dshift", "dscale"), res, exp):
-        close(f"mln bwd {nm} {tag}", a, b, dtype)
+        close(f"mln bwd {nm} {tag}", a, b, dtype, terms=dx_terms if nm == "dx" else 0.0)
     again = ops._modulated_layer_norm_backward(dh, x, scale, mean.cuda(), rstd.cuda())
     if not all(torch.equal(a, b) for a, b in zip(res, again)):
         FAIL.append(f"mln bwd not deterministic {tag}")
@@ -113,8 +117,9 @@ def check_norm_ops(shape, dtype, mod_dtype, kind, misaligned=False):
         exp = ops._gated_residual_modulated_layer_norm_backward(
             None if gx is None else gx.cpu(), None if gh is None else gh.cpu(), x_new, y.cpu(), gate.cpu(),
             scale2.cpu(), mean, rstd)
+        terms = rstd.max().item() * dh.abs().max().item() * (1 + scale2.abs().max().item())
         for nm, a, b in zip(("dx", "dy", "dgate", "dshift", "dscale"), res, exp):
-            close(f"grmln bwd {nm} {sub}", a, b, dtype)
+            close(f"grmln bwd {nm} {sub}", a, b, dtype, terms=terms if nm in ("dx", "dy") else 0.0)
 
 
 def check_patch_ops(n, c, h, w, p, dtype, c_all=None):

@@ -69,7 +69,7 @@ if has tests; then  # the test files with CUDA cases (the CPU cases in them too)
   XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
   stage tests 150 "$OUT/tests.log" $PY -m pytest -q -p no:cacheprovider -rfE $XDIST \
     tests/test_modulated_layer_norm.py tests/test_gated_residual.py tests/test_branch_dtype.py tests/test_patchify.py \
-    tests/test_tokens.py tests/test_sde_step.py tests/test_samplers.py tests/test_models.py tests/test_maskdit.py
+    tests/test_tokens.py tests/test_sde_step.py tests/test_samplers.py tests/test_models.py tests/test_maskdit.py tests/test_ext_build.py
   tail -15 "$OUT/tests.log"
 fi
 

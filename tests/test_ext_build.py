@@ -1,0 +1,51 @@
+"""The compiled extension links and raises like torch: C++ errors reach Python intact.
+
+On the GPU machine (2026-11-30, H200 image, CXX=/opt/gcc/bin/g++) the extension linked a private
+static libstdc++ and every failed TORCH_CHECK in its host code segfaulted the process; here the same
+mistake truncated the error message. dit_kernels/_build.py now keeps libstdc++ shared.
+"""
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dit_kernels import _build
+from dit_kernels._ext import HAS_EXT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_cpp_error_reaches_python_whole():
+    # A subprocess, so that a crash is reported as this test's failure instead of ending the session.
+    code = textwrap.dedent("""
+        import torch, dit_kernels
+        x = torch.randn(2, 4, 8)
+        try:
+            torch.ops.dit_kernels.gated_residual(x, x, torch.zeros(3, 8))
+        except RuntimeError as e:
+            print(str(e).splitlines()[0])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, f"a C++ error crashed the process (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    assert "gate must have shape (N, D) = (2, 8), got [3, 8]" in proc.stdout, proc.stdout
+
+
+def _fake_compiler(tmp_path, answer):
+    path = tmp_path / "fake-g++"
+    path.write_text(f"#!/bin/sh\necho '{answer}'\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return [str(path)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux toolchains only")
+def test_static_only_libstdcxx_is_linked_shared(tmp_path):
+    # A compiler that finds no libstdc++.so echoes the bare name: link the one torch runs with.
+    args = _build.shared_libstdcxx_link_args(_fake_compiler(tmp_path, "libstdc++.so"))
+    assert len(args) == 2 and args[0].startswith("-L") and args[1].startswith("-l:libstdc++.so"), args
+    assert os.path.exists(os.path.join(args[0][2:], args[1][3:]))
+    # A compiler with a shared libstdc++ keeps its default link.
+    assert _build.shared_libstdcxx_link_args(_fake_compiler(tmp_path, "/usr/lib/gcc/x/13/libstdc++.so")) == []
