@@ -1,4 +1,13 @@
-"""Build dit_kernels._C: C++ CPU kernels always, CUDA kernels when possible.
+"""Install dit_kernels / dit_models; compile dit_kernels._C ahead of time when torch is importable.
+
+  pip install -e .                        # build isolation: no torch in the build environment, so no
+                                          # library is compiled here; `import dit_kernels` compiles it
+                                          # once against the torch it runs with (dit_kernels/_build.py)
+  pip install --no-build-isolation -e .   # compiles now against the installed torch
+  python setup.py build_ext --inplace     # the same, for a source checkout
+
+The C++ CPU kernels are always built; the CUDA kernels where they can build and are wanted
+(dit_kernels/_build.py want_cuda: FORCE_CUDA=1, or a CUDA torch + nvcc + a visible GPU).
 
 Environment:
   FORCE_CUDA=1            build the CUDA sources even without a visible GPU (needs nvcc / CUDA_HOME)
@@ -9,85 +18,92 @@ Environment:
   DEBUG=1                 -O0 -g
   DIT_WHEEL_CUDA_HEADERS=0  do not add the torch wheel's nvidia/*/include dirs to CPATH
 """
-import glob
+import importlib.util
+import json
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _want_cuda():
-    if os.environ.get("FORCE_CPU", "0") == "1":
-        return False
-    if os.environ.get("FORCE_CUDA", "0") == "1":
-        return True
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    # Key on a CUDA build of torch plus nvcc, not on torch.cuda.is_available():
-    # build hosts often have no GPU.
-    return torch.version.cuda is not None and CUDA_HOME is not None
-
-
 def _build_helpers():
     """dit_kernels/_build.py, loaded by path: the package itself is not importable before the build."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("dit_kernels_build", os.path.join(ROOT, "dit_kernels", "_build.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _extensions():
+def _have_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _extensions(helpers):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    debug = os.environ.get("DEBUG", "0") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-fopenmp"]
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
-    helpers = _build_helpers()
-    extra_link = ["-fopenmp"] + helpers.shared_libstdcxx_link_args()
-    if _want_cuda():
+    cuda, why = helpers.want_cuda()
+    print(f"dit_kernels: building the {'C++ and CUDA' if cuda else 'C++'} kernels ({why})")
+    kwargs = dict(
+        sources=[os.path.relpath(p, ROOT) for p in helpers.sources(helpers.csrc_dir(), cuda)],
+        define_macros=[("Py_LIMITED_API", "0x03090000")],
+        extra_link_args=helpers.link_flags(),
+        py_limited_api=True,
+    )
+    if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        if os.environ.get("DIT_WHEEL_CUDA_HEADERS", "1") == "1":
-            helpers.add_wheel_cuda_headers_to_cpath()
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc_flags = opt + [
-            "--use_fast_math",
-            "--expt-relaxed-constexpr",
-            "-lineinfo",
-            "--threads=2",
-        ] + os.environ.get("NVCC_FLAGS", "").split()
-        return [
-            CUDAExtension(
-                "dit_kernels._C",
-                sources,
-                define_macros=define_macros + [("WITH_CUDA", None)],
-                extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"], "nvcc": nvcc_flags},
-                extra_link_args=extra_link,
-                py_limited_api=True,
-            )
-        ]
-    return [
-        CppExtension(
-            "dit_kernels._C",
-            sources,
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=extra_link,
-            py_limited_api=True,
-        )
-    ]
+        helpers.add_wheel_cuda_headers_to_cpath()
+        return [CUDAExtension("dit_kernels._C", extra_compile_args={"cxx": helpers.cxx_flags(True),
+                                                                   "nvcc": helpers.nvcc_flags()}, **kwargs)]
+    return [CppExtension("dit_kernels._C", extra_compile_args={"cxx": helpers.cxx_flags(False)}, **kwargs)]
+
+
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (dit_kernels/_csrc), so that an installed wheel without a
+    prebuilt library can still compile it on first import."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            target = os.path.join(self.build_lib, "dit_kernels", "_csrc")
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(os.path.join(ROOT, "csrc"), target)
 
 
 def _cmdclass():
+    cmds = {"build_py": BuildPyWithSources}
+    if not _have_torch():
+        return cmds
+    import torch
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildExtensionWithStamp(BuildExtension.with_options(use_ninja=True)):
+        """Writes _C.build.json beside the library: the torch it was built against, so that import can
+        tell a stale library (another torch) from a good one before loading it."""
 
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                path = self.get_ext_fullpath(ext.name)
+                with open(os.path.join(os.path.dirname(path), "_C.build.json"), "w") as f:
+                    json.dump({"torch": torch.__version__, "cuda": any(s.endswith(".cu") for s in ext.sources)}, f)
+
+    cmds["build_ext"] = BuildExtensionWithStamp
+    return cmds
+
+
+if _have_torch():
+    EXT_MODULES = _extensions(_build_helpers())
+else:
+    print("dit_kernels: torch is not importable in this build environment (pip's build isolation); no library is "
+          "compiled now: `import dit_kernels` compiles it once against the torch it runs with")
+    EXT_MODULES = []
 
 setup(
     name="dit_kernels",
@@ -95,7 +111,7 @@ setup(
     description="Fused kernels and the DiT / SiT / MaskDiT / SD-DiT training and sampling stack",
     packages=find_packages(include=["dit_kernels", "dit_kernels.*", "dit_models", "dit_models.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.11", "numpy", "ninja", "pybind11"],
+    install_requires=["torch>=2.11", "numpy", "ninja", "tqdm"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
         "data": ["scikit-learn", "pillow", "matplotlib"],
@@ -104,9 +120,9 @@ setup(
         "ode": ["torchdiffeq"],
         "vae": ["diffusers"],
     },
-    ext_modules=_extensions(),
+    ext_modules=EXT_MODULES,
     cmdclass=_cmdclass(),
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if EXT_MODULES else {},
     entry_points={
         "console_scripts": [
             "dit-train=dit_models.train:cli",

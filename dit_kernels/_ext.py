@@ -1,23 +1,69 @@
 """Loading of the compiled extension and the impl="auto"|"ext"|"ref" dispatch rule."""
+import importlib.machinery
+import json
+import os
 import warnings
 
 import torch
 
+from . import _build
+
 HAS_EXT = False
 HAS_CUDA_KERNELS = False
-EXT_ERROR = None
+EXT_ERROR = None  # why no library loaded (None when one did)
+EXT_SOURCE = None  # "prebuilt" (setup.py) or "built on import" (_build.build_jit), when one loaded
+EXT_PATH = None
+EXT_NOTES = []  # what was tried before the library that loaded, and why it was passed over
 
-try:
-    from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrars)
 
-    HAS_EXT = True
-except ImportError as e:  # not built, or built against another torch (ABI mismatch)
-    EXT_ERROR = e
-    if "No module named" not in str(e):
-        warnings.warn(f"dit_kernels: compiled extension failed to load ({e}); using the PyTorch references")
-except OSError as e:
-    EXT_ERROR = e
-    warnings.warn(f"dit_kernels: compiled extension failed to load ({e}); using the PyTorch references")
+def _prebuilt_stamp():
+    """The torch version a prebuilt _C was compiled against (setup.py writes _C.build.json), or None."""
+    try:
+        with open(os.path.join(_build.PACKAGE_DIR, "_C.build.json")) as f:
+            return json.load(f).get("torch")
+    except (OSError, ValueError):
+        return None
+
+
+def _prebuilt_exists():
+    return any(os.path.exists(os.path.join(_build.PACKAGE_DIR, "_C" + suffix))
+               for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
+def _load_prebuilt():
+    stamp = _prebuilt_stamp()
+    if stamp is not None and stamp != torch.__version__:
+        raise ImportError(f"prebuilt library was compiled against torch {stamp}, this is torch {torch.__version__}")
+    from . import _C  # importing runs the TORCH_LIBRARY registrars
+
+    return _C.__file__
+
+
+def _load():
+    """Prebuilt library if it matches this torch, else compile it now (cached), else None + one warning."""
+    global HAS_EXT, EXT_ERROR, EXT_SOURCE, EXT_PATH
+    try:
+        if not _prebuilt_exists():  # an isolated install (plain `pip install -e .`) ships none
+            raise FileNotFoundError
+        EXT_PATH, EXT_SOURCE = _load_prebuilt(), "prebuilt"
+    except (ImportError, OSError) as e:  # not built, or built against another torch (ABI mismatch)
+        if not isinstance(e, FileNotFoundError):
+            EXT_NOTES.append(f"prebuilt library not used: {e}")
+        if os.environ.get("DIT_KERNELS_JIT", "1") == "0":
+            EXT_ERROR = EXT_NOTES[-1] if EXT_NOTES else "no prebuilt library and DIT_KERNELS_JIT=0"
+        else:
+            try:
+                EXT_PATH, EXT_SOURCE = _build.build_jit(), "built on import"
+            except Exception as e:  # noqa: BLE001  (a compiler error must not make the package unusable)
+                tail = "\n".join(str(e).strip().splitlines()[-12:])
+                EXT_ERROR = f"compiling on import failed: {type(e).__name__}: {tail}"
+    HAS_EXT = EXT_PATH is not None
+    if not HAS_EXT:
+        warnings.warn(f"dit_kernels: no compiled kernels ({EXT_ERROR}); every op runs its PyTorch reference. "
+                      f"`python -m dit_kernels.info` says more.", stacklevel=3)
+
+
+_load()
 
 IMPLS = ("auto", "ext", "ref")
 

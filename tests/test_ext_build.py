@@ -49,3 +49,26 @@ def test_static_only_libstdcxx_is_linked_shared(tmp_path):
     assert os.path.exists(os.path.join(args[0][2:], args[1][3:]))
     # A compiler with a shared libstdc++ keeps its default link.
     assert _build.shared_libstdcxx_link_args(_fake_compiler(tmp_path, "/usr/lib/gcc/x/13/libstdc++.so")) == []
+
+
+def test_extension_is_loaded():
+    # Every op test skips without the library; this one says so loudly instead (CI, the README command).
+    import dit_kernels
+
+    assert dit_kernels.HAS_EXT, f"dit_kernels compiled library not loaded: {dit_kernels._ext.EXT_ERROR}"
+
+
+def test_library_of_another_torch_is_not_loaded(monkeypatch):
+    from dit_kernels import _ext
+
+    monkeypatch.setattr(_ext, "_prebuilt_stamp", lambda: "0.0.0")
+    with pytest.raises(ImportError, match="compiled against torch 0.0.0"):
+        _ext._load_prebuilt()
+
+
+def test_info_report_names_what_runs():
+    from dit_kernels.info import report
+
+    text = report()
+    for key in ("torch ", "kernels ", "cpu kernels", "CUDA build", "build cache"):
+        assert key in text, text
