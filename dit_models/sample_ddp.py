@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dit_models import utils
-from dit_models.sample import add_sampler_args, decode, generate, load_model_for_sampling, sampler_opts_from_args
+from dit_models.generation import add_sampler_args, decode, generate, load_model_for_sampling, sampler_opts_from_args
 
 
 def _save_npz_atomic(path, **arrays):

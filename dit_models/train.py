@@ -20,7 +20,6 @@ plain dict) and RNG states, written atomically. N steps straight == N/2 steps + 
 """
 import argparse
 import copy
-import inspect
 import json
 import math
 import os
@@ -30,9 +29,9 @@ import time
 import torch
 
 from dit_models import utils
+from dit_models.builders import METHODS, MethodUnavailable, accepts_kwarg, build_model_from_args, model_config
 from dit_models.utils import derive_seed
 
-METHODS = ("ddpm", "sit", "maskdit", "sddit")
 DEFAULT_MODEL = {"ddpm": "DiT-XL/2", "sit": "SiT-XL/2", "maskdit": "MaskDiT-XL/2", "sddit": "SD-DiT-XL/2"}
 DEFAULT_GLOBAL_BATCH = {"ddpm": 256, "sit": 256, "maskdit": 1024, "sddit": 1024}
 DEFAULT_MASK_RATIO = {"maskdit": 0.5, "sddit": 0.2}
@@ -47,105 +46,6 @@ QUICKSTART = dict(method="sit", model="SiT-S/2", depth=4, hidden_size=64, num_he
 # ---------------------------------------------------------------------------------------------------------
 #                                       Models and objectives
 # ---------------------------------------------------------------------------------------------------------
-
-class MethodUnavailable(RuntimeError):
-    pass
-
-
-def model_registry(method):
-    """Registry of model factories for a method (imported lazily so each family stands alone)."""
-    try:
-        if method == "ddpm":
-            from dit_models.models.dit import DiT_models as reg
-        elif method == "sit":
-            from dit_models.models.sit import SiT_models as reg
-        elif method == "maskdit":
-            from dit_models.models.maskdit import MaskDiT_models as reg
-        elif method == "sddit":
-            from dit_models.models.sd_dit import SDDiT_models as reg
-        else:
-            raise ValueError(f"unknown --method {method!r}; choose from {METHODS}")
-    except ImportError as e:
-        raise MethodUnavailable(f"--method {method} is not available in this build: {e}") from e
-    return reg
-
-
-def _init_params(cls):
-    """Keyword names accepted by cls.__init__, following **kwargs up the MRO (MaskDiT(*args, **kwargs) -> base)."""
-    names = set()
-    for c in getattr(cls, "__mro__", [cls]):
-        if "__init__" not in vars(c):
-            continue
-        try:
-            params = inspect.signature(c.__init__).parameters
-        except (TypeError, ValueError):
-            return None
-        names |= {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            return names
-    return None  # open-ended
-
-
-def _accepts(cls, name):
-    names = _init_params(cls)
-    return names is None or name in names
-
-
-def build_model(method, name, input_size, in_channels, num_classes, class_dropout_prob=0.1, learn_sigma=None,
-                fused=None, depth=None, hidden_size=None, num_heads=None, decoder_depth=None,
-                decoder_hidden_size=None, decoder_num_heads=None, model_kwargs=None):
-    """Builds a registry model; depth/width/heads overrides (for tests and laptops) rebuild it with the same class.
-
-    The registry size is read from a shape-only ('meta') instance, then the class is called with the overrides.
-    """
-    reg = model_registry(method)
-    if name not in reg:
-        raise ValueError(f"unknown --model {name!r} for --method {method}; choose from {sorted(reg)}")
-    kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes)
-    if method in ("ddpm", "sit"):  # MaskDiT / SD-DiT drop labels in their loss and have no learned sigma
-        kwargs["class_dropout_prob"] = class_dropout_prob
-        if learn_sigma is not None:
-            kwargs["learn_sigma"] = learn_sigma
-    kwargs.update(model_kwargs or {})
-    overrides = {k: v for k, v in dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
-                                       decoder_depth=decoder_depth, decoder_hidden_size=decoder_hidden_size,
-                                       decoder_num_heads=decoder_num_heads).items() if v is not None}
-    if not overrides:
-        try:
-            model = reg[name](**kwargs)
-        except TypeError as e:
-            raise ValueError(f"{name}: bad model arguments {kwargs}: {e}") from e
-    else:
-        with torch.device("meta"):
-            ref = reg[name](**kwargs)
-        cls = type(ref)
-        cfg = model_config(ref)
-        cfg.update(kwargs)
-        cfg.update(overrides)
-        bad = [k for k in cfg if not _accepts(cls, k)]
-        if bad:
-            raise ValueError(f"{cls.__name__} does not accept {bad}")
-        model = cls(**cfg)
-    if fused is not None and hasattr(model, "fused"):
-        model.fused = bool(fused)
-    return model
-
-
-def model_config(model):
-    """Architecture kwargs of a built model (as far as it exposes them), used for overrides and logs."""
-    cfg = {}
-    for k in ("patch_size", "hidden_size", "decoder_hidden_size", "learn_sigma"):
-        if isinstance(getattr(model, k, None), (int, float, bool)):
-            cfg[k] = getattr(model, k)
-    for prefix, blocks in (("", getattr(model, "blocks", None)), ("decoder_", getattr(model, "decoder_blocks", None))):
-        if blocks is not None:
-            cfg[prefix + "depth"] = len(blocks)
-            if len(blocks):
-                cfg[prefix + "num_heads"] = blocks[0].attn.num_heads
-                if not prefix:
-                    cfg["mlp_ratio"] = blocks[0].mlp.fc1.out_features / blocks[0].mlp.fc1.in_features
-    return cfg
-
 
 class Objective:
     """The training loss of a method: __call__(model, x, y) -> (scalar loss, {name: float tensor})."""
@@ -196,7 +96,7 @@ class TransportObjective(Objective):
 
 
 def _loss_kwargs(cls, args, names):
-    return {k: getattr(args, a) for k, a in names.items() if getattr(args, a, None) is not None and _accepts(cls, k)}
+    return {k: getattr(args, a) for k, a in names.items() if getattr(args, a, None) is not None and accepts_kwarg(cls, k)}
 
 
 class _LossDictObjective(Objective):
@@ -235,15 +135,6 @@ class SDDiTObjective(_LossDictObjective):
 
     def after_step(self, model, step, max_steps):
         self.loss.update_teacher(utils.unwrap(model), step, max_steps)
-
-
-def build_model_from_args(args, input_size, in_channels):
-    """build_model with the model flags of a train / checkpoint args namespace (or dict)."""
-    a = args if isinstance(args, dict) else vars(args)
-    return build_model(a["method"], a["model"], input_size, in_channels, a["num_classes"], a.get("class_dropout_prob", 0.1),
-                       a.get("learn_sigma"), None if a.get("fused", True) else False, a.get("depth"), a.get("hidden_size"),
-                       a.get("num_heads"), a.get("decoder_depth"), a.get("decoder_hidden_size"),
-                       a.get("decoder_num_heads"), a.get("model_kwargs"))
 
 
 def build_objective(args):
@@ -584,7 +475,7 @@ def _sample_labels(num_classes, device, per_class=None):
 
 @torch.no_grad()
 def _write_samples(args, ema, labels, device, run_dir, step):
-    from dit_models.sample import generate, sampler_defaults
+    from dit_models.generation import generate, sampler_defaults
 
     opts = sampler_defaults(args.method)
     gen = torch.Generator(device="cpu").manual_seed(derive_seed(args.seed, 12345))
@@ -611,9 +502,9 @@ def print_summary(out, args, eval_result=None):
 
 def quickstart_eval(out, args):
     """Scores the EMA model of a finished quickstart run with dit_models.evaluate (digits only)."""
-    from dit_models import evaluate
+    from dit_models.metrics import evaluate_model
 
-    res = evaluate.evaluate_model(args.method, out["ema"], num_samples=args.eval_samples, cfg_scale=args.sample_cfg_scale,
+    res = evaluate_model(args.method, out["ema"], num_samples=args.eval_samples, cfg_scale=args.sample_cfg_scale,
                                   method_args=args, seed=args.seed, size=out["ema"].input_size
                                   if hasattr(out["ema"], "input_size") else 16)
     path = os.path.join(out["run_dir"], "eval.json")

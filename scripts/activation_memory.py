@@ -48,7 +48,8 @@ def saved_bytes(fn, params):
 
 def main(argv=None):
     import dit_kernels
-    from dit_models.train import build_model, build_objective, get_parser, resolve_args
+    from dit_models.builders import build_model
+    from dit_models.train import build_objective, get_parser, resolve_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XL/2")

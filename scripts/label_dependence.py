@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from dit_models.data import digits_dataset
-from dit_models.sample import load_model_for_sampling
+from dit_models.generation import load_model_for_sampling
 
 # abar = SNR / (1 + SNR) of the rows (DDPM cosine-schedule levels at t = 100, 300, 500, 700, 900)
 ABARS = (0.9716, 0.7856, 0.4923, 0.2019, 0.0236)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit_models import evaluate, sample, sample_ddp, train
+from dit_models import evaluate, generation, metrics, sample, sample_ddp, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16", "--device", "cpu",
@@ -82,12 +82,12 @@ def test_sample_png(method, flags, checkpoints, tmp_path):
 
 
 def test_generate_is_seeded(checkpoints):
-    model, method, margs = sample.load_model_for_sampling(checkpoints["sit"])
-    opts = dict(sample.sampler_defaults("sit"), sampler="sde", sampling_method="Euler", num_sampling_steps=4)
+    model, method, margs = generation.load_model_for_sampling(checkpoints["sit"])
+    opts = dict(generation.sampler_defaults("sit"), sampler="sde", sampling_method="Euler", num_sampling_steps=4)
     y = torch.arange(4)
-    a = sample.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(5), margs)
-    b = sample.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(5), margs)
-    c = sample.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(6), margs)
+    a = generation.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(5), margs)
+    b = generation.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(5), margs)
+    c = generation.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(6), margs)
     assert a.shape == (4, 1, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -114,13 +114,13 @@ def test_evaluate_scores(cache_dir):
     from dit_models.data import digits_dataset
 
     te = digits_dataset("test")
-    real = evaluate.score_samples(te.images[:200], te.labels[:200])
-    noise = evaluate.score_samples(torch.rand(200, 1, 16, 16) * 2 - 1, torch.arange(200) % 10)
+    real = metrics.score_samples(te.images[:200], te.labels[:200])
+    noise = metrics.score_samples(torch.rand(200, 1, 16, 16) * 2 - 1, torch.arange(200) % 10)
     assert real["accuracy"] > 0.9 and noise["accuracy"] < 0.4
     assert real["fd"] < real["fd_real"] * 3 < noise["fd"]
     x = np.random.RandomState(0).randn(500, 4)
-    assert abs(evaluate.frechet_distance(x, x)) < 1e-6
-    assert evaluate.frechet_distance(x, x + 1.0) == pytest.approx(4.0, rel=1e-6)
+    assert abs(metrics.frechet_distance(x, x)) < 1e-6
+    assert metrics.frechet_distance(x, x + 1.0) == pytest.approx(4.0, rel=1e-6)
 
 
 def test_bad_inputs(tmp_path, capsys):
@@ -172,11 +172,11 @@ def test_released_style_raw_state_dict(tmp_path):
     dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
     torch.save(dit.state_dict(), tmp_path / "raw.pt")
     with pytest.raises(ValueError, match="pass --method"):
-        sample.load_model_for_sampling(str(tmp_path / "raw.pt"))
-    model, method, margs = sample.load_model_for_sampling(str(tmp_path / "raw.pt"), method="ddpm", num_heads=2)
+        generation.load_model_for_sampling(str(tmp_path / "raw.pt"))
+    model, method, margs = generation.load_model_for_sampling(str(tmp_path / "raw.pt"), method="ddpm", num_heads=2)
     assert margs["learn_sigma"] and margs["input_size"] == 8 and margs["data_kind"] == "latents"
-    opts = dict(sample.sampler_defaults("ddpm"), num_sampling_steps=2)
-    x = sample.generate(method, model, torch.tensor([1, 2]), opts, 4.0, torch.Generator().manual_seed(0), margs)
+    opts = dict(generation.sampler_defaults("ddpm"), num_sampling_steps=2)
+    x = generation.generate(method, model, torch.tensor([1, 2]), opts, 4.0, torch.Generator().manual_seed(0), margs)
     assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
 
 

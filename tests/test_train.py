@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from dit_models import train, utils
+from dit_models import builders, train, utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def test_training_lowers_loss(method, tmp_path):
     args = make_args(method, tmp_path, "--max-steps", "30", "--lr", "2e-3")
     out = train.main(args)
     utils.seed_everything(utils.derive_seed(args.seed, 10**9))  # the initial weights of the run
-    init = train.build_model_from_args(args, 16, 1)
+    init = builders.build_model_from_args(args, 16, 1)
     before, after = fixed_batch_loss(args, init), fixed_batch_loss(args, out["model"])
     assert after < 0.9 * before, f"{method}: loss {before:.4f} -> {after:.4f}"
     assert os.path.exists(out["checkpoint"]) and out["final_loss"] is not None
@@ -82,7 +82,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert type(ck["args"]) is dict and ck["args"]["method"] == "sit" and ck["args"]["input_size"] == 16
     assert utils.latest_checkpoint(out["run_dir"]).endswith("0000004.pt")
     # Sampling loads the EMA weights through dit_models.checkpoint.
-    from dit_models.sample import load_model_for_sampling
+    from dit_models.generation import load_model_for_sampling
 
     model, method, margs = load_model_for_sampling(out["checkpoint"])
     assert method == "sit" and margs["depth"] == 2
@@ -91,7 +91,7 @@ def test_checkpoint_round_trip(tmp_path):
     # The generic loader used for released files also accepts our container.
     from dit_models import load_checkpoint
 
-    fresh = train.build_model_from_args(ck["args"], 16, 1)
+    fresh = builders.build_model_from_args(ck["args"], 16, 1)
     load_checkpoint(out["checkpoint"], fresh, which="model")
     assert torch.equal(fresh.final_layer.linear.weight, ck["model"]["final_layer.linear.weight"])
     with pytest.raises(ValueError, match="not a resumable"):
