@@ -9,7 +9,13 @@ gives two numbers for a set of conditional samples:
 These are digits-sized proxies for FID/IS, useful to compare methods trained on the same budget; they are
 not comparable with ImageNet numbers.
 
-    python -m dit_models.evaluate --ckpt results/000-sit-SiT-S-2/checkpoints/0002000.pt --num-samples 500
+By default a checkpoint gets the report the quickstart prints (dit_models.metrics.digits_report): the
+Frechet distance at cfg 1 (fidelity: guidance trades closeness to the data for adherence) and the class
+accuracy at cfg 3 (adherence), 300 samples each, with the method's evaluation sampler (the in-training
+sampler, sampler_defaults(fast=True)); any sampler flag overrides it, and --cfg-scale scores one setting.
+
+    python -m dit_models.evaluate --ckpt results/000-sit-SiT-S-2/checkpoints/0002000.pt
+    python -m dit_models.evaluate --ckpt ... --cfg-scale 1.5 --num-samples 1000 --num-sampling-steps 250
     python -m dit_models.evaluate --npz samples.npz          # arr_0 uint8 (N, H, W, 3|1) + labels (N,)
 """
 import argparse
@@ -20,15 +26,16 @@ import sys
 import numpy as np
 
 from dit_models.generation import add_sampler_args, load_model_for_sampling, sampler_opts_from_args
-from dit_models.metrics import evaluate_model, score_samples
+from dit_models.metrics import REPORT_NUM_SAMPLES, digits_report, evaluate_model, format_report, score_samples
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Score conditional digits samples: class accuracy + Frechet distance")
     p.add_argument("--ckpt", default=None, help="a dit_models.train checkpoint (trained on digits)")
     p.add_argument("--npz", default=None, help="samples .npz (arr_0 uint8 (N,H,W,C) and labels (N,))")
-    p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--num-samples", type=int, default=REPORT_NUM_SAMPLES, help="per guidance setting")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="score this one guidance scale (default: the report, FD at cfg 1 and accuracy at cfg 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the result JSON here")
     add_sampler_args(p)
@@ -50,9 +57,14 @@ def main(args):
         model, method, margs = load_model_for_sampling(args.ckpt, method=None, device="cpu")
         if not str(margs.get("data", "digits")).startswith("digits"):
             raise ValueError(f"{args.ckpt} was not trained on digits (data={margs.get('data')!r})")
-        res = evaluate_model(method, model, args.num_samples, args.cfg_scale, argparse.Namespace(**margs), args.seed,
-                             size=int(margs.get("input_size", 16)), sampler_opts=sampler_opts_from_args(args, method))
-        res.pop("_samples")
+        kw = dict(method_args=argparse.Namespace(**margs), seed=args.seed, size=int(margs.get("input_size", 16)),
+                  sampler_opts=sampler_opts_from_args(args, method, fast=True), progress=True)
+        if args.cfg_scale is None:
+            res = digits_report(method, model, num_samples=args.num_samples, **kw)
+            print(format_report(res), file=sys.stderr)
+        else:
+            res = evaluate_model(method, model, args.num_samples, args.cfg_scale, **kw)
+        res = {k: v for k, v in res.items() if not k.startswith("_")}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)

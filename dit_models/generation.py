@@ -6,6 +6,7 @@ Used by dit_models.sample, sample_ddp, evaluate and train (in-training grids, qu
 import os
 
 import torch
+from tqdm.auto import tqdm
 
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "sit": ("ode", "sde"), "maskdit": ("edm",), "sddit": ("edm",)}
 
@@ -85,6 +86,39 @@ def sampler_opts_from_args(args, method, fast=False):
     return opts
 
 
+def sampler_nfe(method, opts):
+    """Network evaluations per sample (one call on the 2B CFG batch counts once); None for adaptive solvers."""
+    steps = int(opts["num_sampling_steps"])
+    kind = opts["sampler"]
+    if method == "ddpm":
+        return steps
+    if method == "sit":
+        per_step = {"euler": 1, "heun": 2, "heun2": 2, "midpoint": 2, "rk4": 4, "Euler": 1, "Heun": 2}
+        k = per_step.get(opts.get("sampling_method", "Euler" if kind == "sde" else "heun"))
+        if k is None:
+            return None  # torchdiffeq's adaptive solvers
+        return k * (steps - 1) + (1 if kind == "sde" and opts.get("last_step") else 0)
+    if method in ("maskdit", "sddit"):
+        return 2 * steps - 1  # Heun, Euler on the last step
+    raise ValueError(f"unknown method {method!r}")
+
+
+class _CountingNet:
+    """Wraps a network for a sampler: counts its calls (one per NFE) into a progress bar. Pure Python
+    bookkeeping, no device sync, so CUDA-graph capture and async execution are unaffected."""
+
+    def __init__(self, net, bar, forward_with_cfg=None):
+        self.net, self.bar, self._cfg = net, bar, forward_with_cfg
+
+    def __call__(self, *args, **kwargs):
+        self.bar.update(1)
+        return self.net(*args, **kwargs)
+
+    def forward_with_cfg(self, *args, **kwargs):
+        self.bar.update(1)
+        return self._cfg(*args, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------------
 #                                              Generation
 # ---------------------------------------------------------------------------------------------------------
@@ -126,7 +160,7 @@ class _GraphedNet:
 
 @torch.no_grad()
 def generate(method, model, labels, opts=None, cfg_scale=1.0, generator=None, method_args=None, batch_size=64,
-             noise=None):
+             noise=None, progress=False):
     """Class-conditional samples in the model's input space (pixels or latents), (N, C, H, W) float32.
 
     Args:
@@ -139,6 +173,7 @@ def generate(method, model, labels, opts=None, cfg_scale=1.0, generator=None, me
             comes from a generator on the model's device seeded from it.
         method_args: the training args (dict or namespace) for the noise process (path type, prediction...).
         noise: optional (N, C, H, W) initial noise (overrides the generator draw).
+        progress: a tqdm bar of network evaluations on stderr (shown on a terminal only).
     """
     opts = dict(sampler_defaults(method) if opts is None else opts)
     was_training = model.training
@@ -151,6 +186,10 @@ def generate(method, model, labels, opts=None, cfg_scale=1.0, generator=None, me
     guided = cfg_scale != 1.0
     gch = opts.get("guided_channels")
     out = []
+    nfe = sampler_nfe(method, opts)
+    batches = -(-len(labels) // batch_size)
+    bar = tqdm(total=nfe * batches if nfe else None, unit="NFE", disable=None if progress else True, leave=False,
+               desc=f"{method} {opts['sampler']}: {len(labels)} samples, cfg {cfg_scale:g}")
     try:
         for i in range(0, len(labels), batch_size):
             y = labels[i : i + batch_size].to(device)
@@ -158,13 +197,14 @@ def generate(method, model, labels, opts=None, cfg_scale=1.0, generator=None, me
             z = torch.randn(n, C, H, W, generator=generator) if noise is None else noise[i : i + batch_size].cpu()
             z = z.to(device)
             dev_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            out.append(_sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, method_args).float())
+            out.append(_sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, method_args, bar).float())
     finally:
+        bar.close()
         model.train(was_training)
     return torch.cat(out)
 
 
-def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, method_args):
+def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, method_args, bar):
     kind = opts["sampler"]
     steps = int(opts["num_sampling_steps"])
     cuda_graph = bool(opts.get("cuda_graph")) and z.device.type == "cuda"
@@ -183,6 +223,7 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
                 return model(x, t, y)
         if cuda_graph:
             net = _GraphedNet(net)
+        net = _CountingNet(net, bar)
         kw = dict(noise=z, clip_denoised=False, model_kwargs=dict(y=y), device=z.device, generator=dev_gen)
         if kind == "ddim":
             return diffusion.ddim_sample_loop(net, z.shape, eta=float(opts.get("ddim_eta") or 0.0), **kw)
@@ -194,13 +235,15 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
                                      _margs(method_args, "loss_weight", None), _margs(method_args, "train_eps", None),
                                      _margs(method_args, "sample_eps", None))
         sampler = Sampler(transport)
-        common = dict(cfg_scale=cfg_scale, guided_channels=gch, cuda_graph=cuda_graph)
+        # null_label given here: the sampler cannot read it off the counting wrapper of model.forward.
+        common = dict(cfg_scale=cfg_scale, guided_channels=gch, cuda_graph=cuda_graph,
+                      null_label=model.y_embedder.num_classes if guided else None)
         if kind == "sde":
             fn = sampler.sample_sde(opts.get("sampling_method", "Euler"), opts["diffusion_form"], opts["diffusion_norm"],
                                     opts["last_step"], opts["last_step_size"], steps, generator=dev_gen, **common)
         else:
             fn = sampler.sample_ode(opts.get("sampling_method", "heun"), steps, opts["atol"], opts["rtol"], **common)
-        return fn(z, model.forward, y=y)[-1]
+        return fn(z, _CountingNet(model.forward, bar), y=y)[-1]
     if method in ("maskdit", "sddit"):
         from dit_models.edm import edm_sampler
 
@@ -216,6 +259,7 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
                     return graphed(x, sigma, class_labels, s)
 
             net = _Net()
+        net = _CountingNet(net, bar, getattr(net, "forward_with_cfg", None))
         x = edm_sampler(net, z, class_labels=y, cfg_scale=cfg_scale, num_steps=steps, sigma_min=opts["sigma_min"],
                         sigma_max=opts["sigma_max"], rho=opts["rho"], S_churn=opts["S_churn"], S_min=opts["S_min"],
                         S_max=opts["S_max"], S_noise=opts["S_noise"], generator=dev_gen)

@@ -24,6 +24,14 @@ from dit_models.generation import add_sampler_args, decode, generate, load_model
 IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT sample.py
 
 
+def default_out(ckpt_path):
+    """<run>/sample.png for a checkpoint of a dit_models.train run (<run>/checkpoints/<step>.pt), else ./sample.png."""
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    if os.path.basename(folder) == "checkpoints":
+        return os.path.join(os.path.dirname(folder), "sample.png")
+    return "sample.png"
+
+
 def parse_labels(text, num_classes):
     labels = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
     bad = [v for v in labels if not 0 <= v < num_classes]
@@ -50,7 +58,8 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="sample.png")
+    p.add_argument("--out", default=None, help="PNG path (default: sample.png in the checkpoint's run folder, "
+                   "or in the current folder for a released file)")
     add_sampler_args(p)
     return p
 
@@ -82,9 +91,9 @@ def main(args):
     gen = torch.Generator().manual_seed(args.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     with autocast:
-        x = generate(method, model, labels, opts, args.cfg_scale, gen, margs, args.batch_size)
+        x = generate(method, model, labels, opts, args.cfg_scale, gen, margs, args.batch_size, progress=True)
         imgs = decode(x, vae)
-    path = utils.save_image_grid(imgs.float().cpu(), args.out, nrow=ncol)
+    path = utils.save_image_grid(imgs.float().cpu(), args.out or default_out(args.ckpt), nrow=ncol, labels=labels)
     print(f"{method} {margs.get('model')}: {len(labels)} samples ({opts['sampler']}, {opts['num_sampling_steps']} steps, "
           f"cfg {args.cfg_scale}) -> {path}")
     return path

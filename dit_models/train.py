@@ -216,7 +216,8 @@ def get_parser():
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--quickstart", action="store_true",
                    help="small SiT on digits + samples + loss plot + evaluation (override any flag, e.g. --max-steps 20)")
-    g.add_argument("--eval-samples", type=int, default=300, help="quickstart: samples scored by dit_models.evaluate")
+    g.add_argument("--eval-samples", type=int, default=300,
+                   help="quickstart: samples per guidance setting of the digits report (as dit_models.evaluate)")
     return p
 
 
@@ -352,14 +353,15 @@ def main(args):
     logger.info(f"{args.method} {args.model}: {utils.count_params(model):,} parameters "
                 f"({utils.count_params(model, True):,} trainable), config {json.dumps(model_config(model))}")
 
-    start_step, history = 0, {"step": [], "loss": []}
+    # loss: mean over ranks and each log interval; step_loss: every step of rank 0 (the plot of a short run)
+    start_step, history = 0, {"step": [], "loss": [], "step_loss": []}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         objective.load_state_dict(ckpt.get("objective", {}))
         start_step = int(ckpt["step"])
-        history = ckpt.get("history", history)
+        history = dict(history, **ckpt.get("history", {}))
         utils.set_rng_states(ckpt.get("rng", {}).get(rank) if isinstance(ckpt.get("rng"), dict) else None)
         logger.info(f"resumed from {ckpt_path} at step {start_step}")
     ema_updater = utils.EMA(model, ema)
@@ -380,7 +382,7 @@ def main(args):
     sample_labels = _sample_labels(args.num_classes, device)
     outputs = {"run_dir": run_dir, "checkpoint": None, "samples": None, "loss_plot": None, "log": os.path.join(run_dir, "log.txt")}
     running = torch.zeros((), device=device)
-    running_logs, n_running = {}, 0
+    running_logs, n_running, step_losses = {}, 0, []
     timer = utils.Timer(device)
     t_start = time.time()
     step = start_step
@@ -422,6 +424,7 @@ def main(args):
         objective.after_step(model, step, max_steps)
 
         running += loss.detach().float()
+        step_losses.append(loss.detach().float())  # read back at the next log line: no per-step host sync
         for k, v in logs.items():
             running_logs[k] = running_logs.get(k, 0) + v.float()
         n_running += 1
@@ -433,6 +436,8 @@ def main(args):
             sps = n_running / max(dt, 1e-9)
             history["step"].append(done)
             history["loss"].append(avg)
+            history["step_loss"].extend(torch.stack(step_losses).tolist())
+            step_losses = []
             if not math.isfinite(avg):
                 raise FloatingPointError(f"loss is {avg} at step {done}; try --precision fp32 or a lower --lr")
             logger.info(f"step {done:7d}/{max_steps} ({100.0 * done / max_steps:5.1f}%) epoch {epoch} loss {avg:.4f} "
@@ -455,6 +460,7 @@ def main(args):
         logger.info("nothing to train: the checkpoint is already at --max-steps")
     if rank == 0:
         outputs["loss_plot"] = utils.plot_loss_curve(history["step"], history["loss"], os.path.join(run_dir, "loss.png"),
+                                                     history["step_loss"],
                                                      f"{args.method} {args.model} on {dataset.name}")
         with open(os.path.join(run_dir, "loss.csv"), "w") as f:
             f.write("step,loss\n" + "".join(f"{s},{l:.6f}\n" for s, l in zip(history["step"], history["loss"])))
@@ -482,7 +488,7 @@ def _write_samples(args, ema, labels, device, run_dir, step):
     x = generate(args.method, ema, labels, opts, cfg_scale=args.sample_cfg_scale, generator=gen, method_args=args,
                  batch_size=64)
     path = os.path.join(run_dir, "samples", f"{step:07d}.png")
-    return utils.save_image_grid(x, path, nrow=max(8, min(16, args.num_classes)))
+    return utils.save_image_grid(x, path, nrow=max(8, min(16, args.num_classes)), labels=labels.tolist())
 
 
 def print_summary(out, args, eval_result=None):
@@ -494,25 +500,29 @@ def print_summary(out, args, eval_result=None):
              f"  loss plot      {out['loss_plot'] or '(matplotlib not installed)'}",
              f"  log            {out['log']}"]
     if eval_result is not None:
-        lines.append(f"  evaluation     {eval_result['num_samples']} samples at cfg {eval_result['cfg_scale']}: class accuracy {eval_result['accuracy']:.3f}, Frechet distance "
-                     f"{eval_result['fd']:.2f} (real held-out vs train: {eval_result['fd_real']:.2f}) -> {eval_result['path']}")
+        from dit_models.metrics import format_report
+
+        lines.append(f"  evaluation     {format_report(eval_result)}")
+        lines.append(f"                 -> {eval_result['path']}, samples {eval_result['grid']}")
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)
 
 
 def quickstart_eval(out, args):
-    """Scores the EMA model of a finished quickstart run with dit_models.evaluate (digits only)."""
-    from dit_models.metrics import evaluate_model
+    """The digits report (dit_models.metrics.digits_report, as `python -m dit_models.evaluate` gives it) of the
+    EMA model of a finished run, with a class-labelled grid of its samples."""
+    from dit_models.generation import sampler_defaults
+    from dit_models.metrics import digits_report
 
-    res = evaluate_model(args.method, out["ema"], num_samples=args.eval_samples, cfg_scale=args.sample_cfg_scale,
-                                  method_args=args, seed=args.seed, size=out["ema"].input_size
-                                  if hasattr(out["ema"], "input_size") else 16)
+    res = digits_report(args.method, out["ema"], method_args=args, num_samples=args.eval_samples,
+                        sampler_opts=sampler_defaults(args.method), seed=args.seed,
+                        size=getattr(out["ema"], "input_size", 16), progress=True)
     path = os.path.join(out["run_dir"], "eval.json")
     with open(path, "w") as f:
         json.dump({k: v for k, v in res.items() if not k.startswith("_")}, f, indent=2)
     res["path"] = path
-    grid = utils.save_image_grid(res["_samples"][:100], os.path.join(out["run_dir"], "eval_samples.png"), nrow=10)
-    res["grid"] = grid
+    res["grid"] = utils.save_image_grid(res["_samples"][:100], os.path.join(out["run_dir"], "eval_samples.png"),
+                                        nrow=10, labels=res["_labels"][:100])
     return res
 
 

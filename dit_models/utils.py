@@ -253,8 +253,39 @@ def make_grid(images, nrow=8, padding=2, pad_value=255):
     return grid
 
 
-def save_image_grid(x, path, nrow=8, upscale=None):
-    """Saves samples (N, C, H, W) in [-1, 1] as a PNG grid (PIL, else matplotlib); returns path or None."""
+def column_labels(labels, ncol):
+    """The class of each grid column when every column holds one class (the layout of our sample grids),
+    else None."""
+    if labels is None:
+        return None
+    labels = [int(v) for v in labels]
+    ncol = min(ncol, len(labels))
+    cols = [labels[k::ncol] for k in range(ncol)]
+    return [c[0] for c in cols] if all(len(set(c)) == 1 for c in cols) else None
+
+
+def _add_column_header(grid, names, cell_w, padding=2):
+    """Adds a white strip above the grid with one name centred over each column (PIL's built-in font)."""
+    from PIL import Image, ImageDraw
+
+    header = 14
+    img = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
+    img.paste(Image.fromarray(grid), (0, header))
+    draw = ImageDraw.Draw(img)
+    for k, name in enumerate(names):
+        text = str(name)
+        x0 = padding + k * (cell_w + padding)
+        width = draw.textlength(text)
+        draw.text((x0 + max(0, (cell_w - width) / 2), 1), text, fill="black")
+    return np.asarray(img)
+
+
+def save_image_grid(x, path, nrow=8, upscale=None, labels=None, class_names=None):
+    """Saves samples (N, C, H, W) in [-1, 1] as a PNG grid (PIL, else matplotlib); returns path or None.
+
+    labels: the (N,) class of each sample; when every grid column holds one class, a header row names it
+    (class_names[label] if given, else the label number). Needs PIL.
+    """
     imgs = to_uint8(x.float())
     if imgs.shape[-1] == 1:
         imgs = np.repeat(imgs, 3, axis=-1)
@@ -267,6 +298,10 @@ def save_image_grid(x, path, nrow=8, upscale=None):
     try:
         from PIL import Image
 
+        header = column_labels(labels, nrow)
+        if header is not None:
+            names = [class_names[c] if class_names else c for c in header]
+            grid = _add_column_header(grid, names, imgs.shape[2])
         Image.fromarray(grid).save(path)
         return path
     except ImportError:
@@ -283,8 +318,9 @@ def save_image_grid(x, path, nrow=8, upscale=None):
         return None
 
 
-def plot_loss_curve(steps, losses, path, title="training loss"):
-    """Writes a loss-curve PNG with matplotlib (optional); returns path or None when matplotlib is missing."""
+def plot_loss_curve(steps, losses, path, step_losses=None, title="training loss"):
+    """Loss-curve PNG (matplotlib, optional; None without it): the per-step losses of rank 0 (thin; they make
+    a short run's curve visible) and the interval means over ranks at each log step (points joined)."""
     try:
         import matplotlib
 
@@ -292,14 +328,21 @@ def plot_loss_curve(steps, losses, path, title="training loss"):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    if not steps:
+    step_losses = list(step_losses or [])
+    if not steps and not step_losses:
         return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(steps, losses, lw=1.2)
+    first = steps[-1] - len(step_losses) + 1 if steps else 1  # a resumed run's step_loss may start late
+    if step_losses:
+        ax.plot(range(first, first + len(step_losses)), step_losses, lw=0.6, alpha=0.45, label="every step (rank 0)")
+    if steps:
+        ax.plot(steps, losses, "o-" if len(steps) < 30 else "-", lw=1.4, ms=3, label="mean over log interval")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over ranks and log interval)")
+    ax.set_ylabel("loss")
     ax.set_title(title)
-    if min(losses) > 0 and max(losses) / max(min(losses), 1e-12) > 20:
+    ax.legend(loc="upper right", fontsize=8)
+    values = [v for v in list(losses) + step_losses if v == v]
+    if values and min(values) > 0 and max(values) / max(min(values), 1e-12) > 20:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
