@@ -6,6 +6,11 @@ Accepted inputs:
   whose "args" may be a pickled argparse.Namespace;
 - a path to either, always loaded with map_location="cpu" (loading onto the GPU first can OOM);
 - keys prefixed by "module." (DDP, Accelerate) or "_orig_mod." (torch.compile) are stripped.
+
+Loading is always strict: a checkpoint key the model does not have, a model key the checkpoint lacks, or a
+shape mismatch raises a ValueError naming the key (a non-strict load of a released file would silently keep
+initial weights). MaskDiT files (EDMPrecond layout, keys under "model.") load with
+dit_models.models.maskdit.load_maskdit_checkpoint, which uses load_state_dict_strict below.
 """
 import os
 import pickle
@@ -13,7 +18,8 @@ import re
 
 import torch
 
-__all__ = ["load_checkpoint", "read_checkpoint", "select_state_dict", "infer_config_from_state_dict"]
+__all__ = ["load_checkpoint", "load_state_dict_strict", "read_checkpoint", "select_state_dict",
+           "infer_config_from_state_dict"]
 
 _PREFIXES = ("module.", "_orig_mod.")
 _CONTAINER_KEYS = ("ema", "model", "state_dict")
@@ -70,6 +76,8 @@ def select_state_dict(checkpoint, which="auto"):
 
 
 def _hint(key):
+    if key.startswith("model."):
+        return "keys under 'model.' are an EDMPrecond (MaskDiT) file: use dit_models.models.maskdit.load_maskdit_checkpoint"
     if key == "pos_embed":
         return "pos_embed holds one row per token: the checkpoint was trained at another resolution (build the model with the matching input_size)"
     if key.startswith("final_layer.linear"):
@@ -81,34 +89,63 @@ def _hint(key):
     return "the model configuration (size / depth / hidden size) differs from the checkpoint's"
 
 
-def load_checkpoint(path_or_state, model, which="auto", strict=True):
-    """Load DiT/SiT weights into `model`.
+def _unwrap_model(model):
+    """The module under DDP (.module) / torch.compile (._orig_mod) wrappers."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model._orig_mod
+    return model
+
+
+def describe_keys(keys, limit=8):
+    """'a', 'b', ... and N more: sorted key names for error messages."""
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+def load_state_dict_strict(model, state_dict, hint=_hint):
+    """model.load_state_dict(state_dict, strict=True) with errors that name the keys.
+
+    Args:
+        model: the module (a DDP / torch.compile wrapper is unwrapped).
+        state_dict: converted weights (prefixes stripped, names as in model.state_dict()).
+        hint: key -> likely cause, appended to the messages.
+    Raises:
+        ValueError naming the first mismatching shape, every checkpoint key the model does not have, or
+        every model key the checkpoint lacks.
+    """
+    model = _unwrap_model(model)
+    own = model.state_dict()
+    for k, v in state_dict.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}. Hint: {hint(k)}"
+            )
+    unexpected = set(state_dict) - set(own)
+    if unexpected:
+        first = sorted(unexpected)[0]
+        raise ValueError(f"checkpoint key(s) {describe_keys(unexpected)} are not in the model. Hint: {hint(first)}")
+    missing = set(own) - set(state_dict)
+    if missing:
+        first = sorted(missing)[0]
+        raise ValueError(f"model key(s) {describe_keys(missing)} are missing from the checkpoint. Hint: {hint(first)}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint(path_or_state, model, which="auto"):
+    """Load DiT/SiT weights into `model`, strictly (every key mapped, every shape equal).
 
     Args:
         path_or_state: file path, raw state_dict or {"model", "ema", "opt", "args"} container.
         model: the module (a DDP / torch.compile wrapper is unwrapped).
         which: "ema" | "model" | "auto" (see select_state_dict).
-        strict: passed to load_state_dict (missing / unexpected keys raise).
     Returns:
         The loaded checkpoint object (the container, e.g. for "opt" and "args" on resume).
     Raises:
-        ValueError naming the first mismatching key, both shapes and the likely cause.
+        ValueError naming the mismatching key(s) and the likely cause (load_state_dict_strict).
     """
     checkpoint = read_checkpoint(path_or_state)
-    state_dict = select_state_dict(checkpoint, which)
-    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model._orig_mod
-    own = model.state_dict()
-    for k, v in state_dict.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
-            raise ValueError(
-                f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}. Hint: {_hint(k)}"
-            )
-    result = model.load_state_dict(state_dict, strict=strict)
-    if not strict and (result.missing_keys or result.unexpected_keys):
-        import warnings
-
-        warnings.warn(f"load_checkpoint: missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}")
+    load_state_dict_strict(model, select_state_dict(checkpoint, which))
     return checkpoint
 
 

@@ -1,7 +1,10 @@
 """MaskDiT (maskdit_sddit.md Part 1): parameter counts, masking semantics, loss terms, fused vs unfused, CFG."""
+import argparse
 import copy
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ from dit_models.models.maskdit import (
     MaskDiT_models,
     MaskDiTLoss,
     convert_maskdit_checkpoint,
+    export_maskdit_checkpoint,
     get_mask_ratio_fn,
     load_maskdit_checkpoint,
     maskdit_loss_terms,
@@ -46,7 +50,7 @@ def test_param_count_xl2():
     with torch.device("meta"):
         model = MaskDiT_models["MaskDiT-XL/2"]()
     enc = sum(count(getattr(model, n)) for n in ("x_embedder", "t_embedder", "y_embedder", "blocks")) + model.pos_embed.numel()
-    bridge_dec = count(model.decoder_embed) + model.decoder_pos_embed.numel() + model.mask_token.numel() + count(model.decoder_blocks)
+    bridge_dec = count(model.decoder_layer) + model.decoder_pos_embed.numel() + model.mask_token.numel() + count(model.decoder_blocks)
     assert enc == 672_435_072
     assert bridge_dec == 56_917_248
     assert count(model.final_layer) == 1_188_880
@@ -69,7 +73,7 @@ def test_keys_and_frozen_pos_embeds():
     model = tiny(perturb=False)
     keys = set(model.state_dict())
     for k in ("pos_embed", "decoder_pos_embed", "mask_token", "y_embedder.embedding_table.weight",
-              "decoder_embed.adaLN_modulation.1.weight", "decoder_embed.linear.weight", "decoder_blocks.1.attn.qkv.weight",
+              "decoder_layer.adaLN_modulation.1.weight", "decoder_layer.linear.weight", "decoder_blocks.1.attn.qkv.weight",
               "blocks.1.adaLN_modulation.1.weight", "final_layer.linear.weight", "t_embedder.mlp.2.bias"):
         assert k in keys
     assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
@@ -285,15 +289,180 @@ def test_sampler_runs_with_cfg():
     assert out.shape == z.shape and out.dtype == torch.float64 and torch.isfinite(out).all() and nfe == 5
 
 
-def test_checkpoint_conversion_roundtrip():
+# --------------------------------------------------------------------------------------------
+# Released checkpoints (issue 13)
+
+
+def public_maskdit_layout(D, depth, Dd, decoder_depth, p, C, K, T, mlp_ratio=4):
+    """Key -> shape of a released Anima-Lab/MaskDiT file: the EDMPrecond state dict, network under "model.".
+
+    Written from the layout facts (maskdit_sddit.md 1.1 shapes, models.md §10 DiT block keys), not from the
+    model code; the encoder->decoder bridge is the reference's `decoder_layer` (issue 13).
+    """
+    def block(prefix, w, cond):
+        h = int(mlp_ratio * w)
+        return {f"{prefix}.attn.qkv.weight": (3 * w, w), f"{prefix}.attn.qkv.bias": (3 * w,),
+                f"{prefix}.attn.proj.weight": (w, w), f"{prefix}.attn.proj.bias": (w,),
+                f"{prefix}.mlp.fc1.weight": (h, w), f"{prefix}.mlp.fc1.bias": (h,),
+                f"{prefix}.mlp.fc2.weight": (w, h), f"{prefix}.mlp.fc2.bias": (w,),
+                f"{prefix}.adaLN_modulation.1.weight": (6 * w, cond), f"{prefix}.adaLN_modulation.1.bias": (6 * w,)}
+
+    layout = {
+        "pos_embed": (1, T, D),
+        "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+        "y_embedder.embedding_table.weight": (D, K),  # bias-free Linear on the one-hot label
+        "decoder_layer.linear.weight": (Dd, D), "decoder_layer.linear.bias": (Dd,),
+        "decoder_layer.adaLN_modulation.1.weight": (2 * D, D), "decoder_layer.adaLN_modulation.1.bias": (2 * D,),
+        "mask_token": (1, 1, Dd),
+        "decoder_pos_embed": (1, T, Dd),
+        "final_layer.linear.weight": (p * p * C, Dd), "final_layer.linear.bias": (p * p * C,),
+        "final_layer.adaLN_modulation.1.weight": (2 * Dd, D), "final_layer.adaLN_modulation.1.bias": (2 * Dd,),
+    }
+    for i in range(depth):
+        layout.update(block(f"blocks.{i}", D, D))
+    for i in range(decoder_depth):
+        layout.update(block(f"decoder_blocks.{i}", Dd, D))  # decoder adaLN reads the encoder-width c
+    return {f"model.{k}": shape for k, shape in layout.items()}
+
+
+TINY_LAYOUT = dict(D=32, depth=2, Dd=16, decoder_depth=2, p=2, C=4, K=10, T=T_TINY)
+
+
+def public_tiny_weights(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g) for k, shape in public_maskdit_layout(**TINY_LAYOUT).items()}
+
+
+def assert_holds(model, public):
+    """Every model tensor equals the public file's (nothing left at its initial value)."""
+    own = model.state_dict()
+    assert set(own) == {k[len("model."):] for k in public}
+    for k, v in public.items():
+        assert torch.equal(own[k[len("model."):]], v), k
+
+
+@pytest.mark.parametrize("size", ["tiny", "XL/2"])
+def test_public_layout_keys_and_shapes(size):
+    if size == "tiny":
+        layout = public_maskdit_layout(**TINY_LAYOUT)
+        model = tiny(perturb=False)
+    else:  # the released 256 px files
+        layout = public_maskdit_layout(D=1152, depth=28, Dd=512, decoder_depth=8, p=2, C=4, K=1000, T=256)
+        assert sum(math.prod(s) for s in layout.values()) == 730_541_200
+        with torch.device("meta"):
+            model = MaskDiT_models["MaskDiT-XL/2"]()
+    sd = convert_maskdit_checkpoint({k: torch.empty(s, device="meta") for k, s in layout.items()})
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {f"model.{k}" for k in model.state_dict()} == set(layout)  # state_dict() is the public layout
+
+
+def test_released_forms_load_strictly(tmp_path):
+    ema, raw = public_tiny_weights(1), public_tiny_weights(2)
+    model = tiny(perturb=False)
+
+    load_maskdit_checkpoint(model, ema)  # bare EDMPrecond state dict
+    assert_holds(model, ema)
+    assert torch.equal(model.decoder_layer.linear.weight, ema["model.decoder_layer.linear.weight"])
+
+    model = tiny(perturb=False)
+    load_maskdit_checkpoint(model, {"ema": ema, "model": raw})  # "ema" for sampling
+    assert_holds(model, ema)
+    load_maskdit_checkpoint(model, {"ema": ema, "model": raw}, key="model")
+    assert_holds(model, raw)
+
+    # The reference train.py container from a file (args is a pickled argparse.Namespace).
+    path = tmp_path / "2000000.pt"
+    torch.save({"model": raw, "ema": ema, "opt": {"state": {}, "param_groups": []},
+                "args": argparse.Namespace(precond="edm", model_type="DiT-XL/2")}, path)
+    model = tiny(perturb=False)
+    ckpt = load_maskdit_checkpoint(model, str(path))
+    assert_holds(model, ema)
+    assert ckpt["args"].precond == "edm"
+
+    # The converter yields exactly the model's names; export writes the public layout back, bit for bit.
+    assert set(convert_maskdit_checkpoint(ckpt)) == set(model.state_dict())
+    out = export_maskdit_checkpoint(model)
+    assert set(out) == {"model", "ema"}
+    for form in (out["ema"], out["model"]):
+        assert set(form) == set(ema) and all(torch.equal(form[k], ema[k]) for k in ema)
+    both = export_maskdit_checkpoint(ckpt["ema"], ckpt["model"])
+    assert all(torch.equal(both["model"][k], raw[k]) for k in raw)
+    assert all(torch.equal(both["ema"][k], ema[k]) for k in ema)
+
+
+def test_export_roundtrip_same_outputs(tmp_path):
     src = tiny(seed=3).eval()
-    # Public layout: EDMPrecond state dict (network under "model.") inside a training container.
-    ckpt = {"ema": {f"model.{k}": v.clone() for k, v in src.state_dict().items()}, "step": 5}
+    torch.save(export_maskdit_checkpoint(src), tmp_path / "public.pt")
     dst = tiny(seed=4, perturb=False).eval()
-    load_maskdit_checkpoint(dst, ckpt)
+    load_maskdit_checkpoint(dst, str(tmp_path / "public.pt"))
     x, sigma, y = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 5.0]), torch.tensor([2, 7])
     torch.testing.assert_close(dst(x, sigma, y), src(x, sigma, y), atol=0, rtol=0)
-    assert set(convert_maskdit_checkpoint({"net": ckpt["ema"]})) == set(src.state_dict())
+    # this library's own names (dit_models.train containers) load through the same converter
+    load_maskdit_checkpoint(dst, {"model": src.state_dict(), "ema": src.state_dict(), "args": {}})
+    torch.testing.assert_close(dst(x, sigma, y), src(x, sigma, y), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda sd: sd.update({"model.cls_token": torch.zeros(1, 1, 32)}), "model.cls_token"),  # pad_cls_token hook
+    (lambda sd: sd.update({"model.feat_embedder.weight": torch.zeros(32, 8)}), "model.feat_embedder.weight"),
+    (lambda sd: sd.update({"model.decoder_embed.linear.weight": sd.pop("model.decoder_layer.linear.weight")}),
+     "model.decoder_embed.linear.weight"),
+    (lambda sd: sd.pop("model.decoder_layer.linear.bias"), "decoder_layer.linear.bias"),
+    (lambda sd: sd.pop("model.mask_token"), "mask_token"),  # a file trained with mae_loss_coef = 0
+    (lambda sd: sd.update({"model.pos_embed": torch.zeros(1, 64, 32)}), "pos_embed"),
+], ids=["cls_token_hook", "feat_embedder_hook", "bridge_misnamed", "bridge_bias_missing", "mask_token_missing",
+        "pos_embed_shape"])
+def test_unmapped_or_missing_key_is_an_error_naming_it(edit, named):
+    sd = public_tiny_weights(0)
+    edit(sd)
+    model = tiny(perturb=False)
+    before = copy.deepcopy(model.state_dict())
+    for form in (sd, {"ema": sd, "model": sd}):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            load_maskdit_checkpoint(model, form)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
+    with pytest.raises(KeyError, match="'ema'"):
+        load_maskdit_checkpoint(model, {"opt": {}, "args": {}})
+
+
+def test_sample_cli_on_public_file(tmp_path, monkeypatch, capsys):
+    """python -m dit_models.sample --method maskdit --ckpt <public file>, on a tiny registry entry and a stub VAE."""
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+    from PIL import Image
+
+    from dit_models import sample
+
+    class StubVAE(nn.Module):  # stands in for the SD VAE (needs diffusers and a download)
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(()))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=torch.nn.functional.interpolate(z[:, :3], scale_factor=8) * self.gain)
+
+    monkeypatch.setitem(MaskDiT_models, "MaskDiT-T/2", lambda **kw: MaskDiT(**{**TINY, **kw}))
+    monkeypatch.setattr("dit_models.data.load_vae", lambda name, device: StubVAE())
+    src = tiny(seed=5)
+    ckpt = export_maskdit_checkpoint(src)
+    ckpt.update(opt={}, args=argparse.Namespace(precond="edm"))
+    torch.save(ckpt, tmp_path / "public.pt")
+    argv = ["--ckpt", str(tmp_path / "public.pt"), "--method", "maskdit", "--model", "MaskDiT-T/2", "--image-size", "64",
+            "--num-classes", "10", "--class-labels", "1,2,3", "--samples-per-class", "1", "--num-sampling-steps", "2",
+            "--cfg-scale", "1.5", "--device", "cpu", "--out", str(tmp_path / "grid.png")]
+    path = sample.cli(argv)
+    im = np.asarray(Image.open(path))
+    assert im.shape[0] >= 64 and im.shape[1] >= 3 * 64 and im.std() > 0
+    assert "maskdit MaskDiT-T/2: 3 samples" in capsys.readouterr().out
+
+    ckpt["ema"]["model.cls_token"] = torch.zeros(1, 1, 32)  # a layout the converter does not map
+    torch.save(ckpt, tmp_path / "public.pt")
+    with pytest.raises(SystemExit) as e:
+        sample.cli(argv)
+    assert e.value.code == 2 and "model.cls_token" in capsys.readouterr().err
 
 
 def test_unconditional_and_bf16_autocast():

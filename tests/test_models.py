@@ -393,6 +393,25 @@ def test_load_container_and_raw(tmp_path):
         load_checkpoint({"model": src.state_dict()}, dst, which="ema")
 
 
+def test_released_layout_never_loads_non_strictly():
+    """A key the loader does not map, or a model key the file lacks, is an error naming it (issue 13)."""
+    src = _tiny()
+    dst = _tiny()
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    extra = dict(src.state_dict(), **{"blocks.0.attn.q_norm.weight": torch.ones(8)})
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.q_norm\.weight' are not in the model"):
+        load_checkpoint(extra, dst)
+    lacking = {k: v for k, v in src.state_dict().items() if k != "final_layer.adaLN_modulation.1.bias"}
+    with pytest.raises(ValueError, match=r"'final_layer\.adaLN_modulation\.1\.bias' are missing"):
+        load_checkpoint({"ema": lacking, "model": src.state_dict()}, dst, which="ema")
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())  # nothing half-loaded
+    with pytest.raises(TypeError):
+        load_checkpoint(src.state_dict(), dst, strict=False)  # no way to ask for a non-strict load
+    # a MaskDiT (EDMPrecond) file handed to the DiT loader says which loader to use
+    with pytest.raises(ValueError, match="load_maskdit_checkpoint"):
+        load_checkpoint({"model." + k: v for k, v in src.state_dict().items()}, dst)
+
+
 @pytest.mark.parametrize(
     "kwargs,key",
     [

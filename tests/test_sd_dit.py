@@ -78,11 +78,11 @@ def test_decoder_input_keeps_original_invisible_tokens():
     dec_in, z, c = model.student_encode(x_in, c_noise, y, ids_keep)
     assert dec_in.shape == (2, T_TINY, 16) and z.shape == (2, 1 + 12, 32)
     # Invisible slots: the unmodified input tokens (patch embed + pos-embed) through the bridge.
-    original = model.decoder_embed(model.embed_tokens(x_in), c)  # (N, T, Dd)
+    original = model.decoder_layer(model.embed_tokens(x_in), c)  # (N, T, Dd)
     inv = mask.bool()
     torch.testing.assert_close(dec_in[inv], original[inv], atol=1e-6, rtol=1e-6)
     # Visible slots: bridge of the encoder output ([CLS] dropped), in ids_keep order.
-    vis = model.decoder_embed(z[:, 1:], c)
+    vis = model.decoder_layer(z[:, 1:], c)
     torch.testing.assert_close(torch.gather(dec_in, 1, ids_keep[..., None].expand(-1, -1, 16)), vis, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(dec_in[~inv], original[~inv])
 

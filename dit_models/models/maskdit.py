@@ -22,31 +22,37 @@ Public API (used by dit_models/train.py, method "maskdit", and the samplers)
         Unmask fine-tuning: MaskDiTLoss(mask_ratio=0.0).
     get_mask_ratio_fn(name="constant", ratio_scale=0.5, ratio_min=0.0) -> fn(x in [0, 1]) -> ratio
     maskdit_loss_terms(D_yn, y, yn, sigma, mask, patch_size, sigma_data=0.5, norm_pix_eps=1e-6) -> (dsm, mae)
-    convert_maskdit_checkpoint(ckpt, key="ema") -> state_dict for MaskDiT.load_state_dict
-    load_maskdit_checkpoint(model, ckpt_or_path, key="ema", strict=True) -> load_state_dict result
+    convert_maskdit_checkpoint(ckpt, key="ema") -> state_dict for MaskDiT.load_state_dict (unknown keys raise)
+    load_maskdit_checkpoint(model, ckpt_or_path, key="ema") -> checkpoint object (always strict)
+    export_maskdit_checkpoint(ema, model=None) -> {"model", "ema"} in the public EDMPrecond layout
 
 Labels: class_labels may be (N,) int64 in [0, num_classes] (num_classes = null) or a (N, K) one-hot float
 tensor (all-zero row = null); None means null for every sample. Label dropout (CFG training, p = 0.1) is done
 by MaskDiTLoss with its generator, not by the model.
 
-Checkpoint layout (assumed for the public Anima-Lab/MaskDiT files; the spec fixes only the shapes): an
-EDMPrecond wrapper whose network sits under ``model.``, with DiT key names inside: x_embedder.proj.*,
-pos_embed, t_embedder.mlp.{0,2}.*, y_embedder.embedding_table.weight (a bias-free Linear, shape (D, K)),
-blocks.{i}.* (DiT block keys), decoder_embed.{adaLN_modulation.1,linear}.*, mask_token, decoder_pos_embed,
-decoder_blocks.{i}.*, final_layer.*. This module uses exactly these names without the ``model.`` prefix;
-convert_maskdit_checkpoint strips ``model.``/``module.`` and unwraps {"ema"|"net"|"model": ...} containers.
-Any further renaming a real file needs goes into _KEY_RENAMES.
+Checkpoint layout (Anima-Lab/MaskDiT; spec 1.1 for the shapes, issue 13 for the names). The reference wraps the
+network in an EDMPrecond whose only state is the network under ``model.``; its train.py saves
+{"model", "ema", "opt", "args"} and its sampling scripts read ckpt["ema"]. Inside ``model.`` the names are this
+module's state_dict names, one for one: x_embedder.proj.*, pos_embed, t_embedder.mlp.{0,2}.*,
+y_embedder.embedding_table.weight (a bias-free Linear, shape (D, K)), blocks.{i}.* (DiT block keys),
+decoder_layer.{linear,adaLN_modulation.1}.* (the bridge, named as in the reference), mask_token,
+decoder_pos_embed, decoder_blocks.{i}.*, final_layer.*. Loading is strict both ways: a key outside this layout
+raises (the reference's optional hooks pad_cls_token / ext_feature_dim / use_encoder_feat add keys and are off in
+every released file), and so does a missing one: a file trained with mae_loss_coef = 0 (no mask_token) is
+not a released layout. export_maskdit_checkpoint writes the public layout back.
 
 Shape legend: N batch, C channels, H/W latent size, p patch, T tokens, K kept tokens, D encoder width,
 Dd decoder width.
 """
 import math
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import dit_kernels
+from dit_models.checkpoint import describe_keys, load_state_dict_strict, read_checkpoint
 from dit_models.edm import SIGMA_DATA, edm_loss_weight, precondition, sample_sigma
 from dit_models.models.dit import (
     DiTBlock,
@@ -68,6 +74,7 @@ __all__ = [
     "maskdit_loss_terms",
     "get_mask_ratio_fn",
     "convert_maskdit_checkpoint",
+    "export_maskdit_checkpoint",
     "load_maskdit_checkpoint",
     "MaskDiT_models",
 ]
@@ -95,7 +102,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, hidden_size, decoder_hidden_size, cond_size=None):
         super().__init__()
         cond_size = hidden_size if cond_size is None else cond_size
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_decoder = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, decoder_hidden_size, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * hidden_size, bias=True))
 
@@ -107,7 +114,7 @@ class DecoderLayer(nn.Module):
                 shift, scale = shift.to(x.dtype), scale.to(x.dtype)
             h = dit_kernels.modulated_layer_norm(x, shift, scale, out_dtype=branch_dtype(x))  # (N, T, D)
         else:
-            h = modulate(self.norm_final(x), shift, scale)  # (N, T, D)
+            h = modulate(self.norm_decoder(x), shift, scale)  # (N, T, D)
         return self.linear(h)  # (N, T, Dd)
 
 
@@ -181,8 +188,9 @@ class EncoderDecoderDiT(nn.Module):
             [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, attn_backend=attn_backend) for _ in range(depth)]
         )
 
-        # Bridge and decoder; the decoder's adaLN reads the encoder-width conditioning c.
-        self.decoder_embed = DecoderLayer(hidden_size, decoder_hidden_size)
+        # Bridge and decoder; the decoder's adaLN reads the encoder-width conditioning c. The bridge keeps the
+        # reference's name (decoder_layer.*) so state_dict() is the public layout both ways.
+        self.decoder_layer = DecoderLayer(hidden_size, decoder_hidden_size)
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, decoder_hidden_size), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             [
@@ -229,7 +237,7 @@ class EncoderDecoderDiT(nn.Module):
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
 
         # Bridge and output layers start at zero.
-        for lin in (self.decoder_embed.adaLN_modulation[-1], self.decoder_embed.linear,
+        for lin in (self.decoder_layer.adaLN_modulation[-1], self.decoder_layer.linear,
                     self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.constant_(lin.weight, 0)
             nn.init.constant_(lin.bias, 0)
@@ -255,7 +263,7 @@ class EncoderDecoderDiT(nn.Module):
 
     def encode(self, x, c):
         """Encoder blocks then the bridge's modulated LN. x (N, K, D) -> (residual (N, K, D), h (N, K, D))."""
-        return run_dit_trunk(self.blocks, x, c, final_adaLN=self.decoder_embed.adaLN_modulation, fused=self.fused)
+        return run_dit_trunk(self.blocks, x, c, final_adaLN=self.decoder_layer.adaLN_modulation, fused=self.fused)
 
     def gather(self, x, ids_keep):
         """Kept rows x[n, ids_keep[n]]: (N, T, D) -> (N, K, D)."""
@@ -343,11 +351,11 @@ class MaskDiT(EncoderDecoderDiT):
             x = self.gather(x, ids_keep)  # (N, K, D)
         if self.fused:
             _, h = self.encode(x, c)  # (N, K, D) modulated LN of the encoder output
-            x = self.decoder_embed.linear(h)  # (N, K, Dd)
+            x = self.decoder_layer.linear(h)  # (N, K, Dd)
         else:
             for block in self.blocks:
                 x = block(x, c)  # (N, K, D)
-            x = self.decoder_embed(x, c)  # (N, K, Dd)
+            x = self.decoder_layer(x, c)  # (N, K, Dd)
         if ids_keep is not None:
             x = self.unmask_tokens(x, ids_keep, ids_restore)  # (N, T, Dd)
         return self.decode(x, c, H, W)  # (N, C, H, W)
@@ -517,48 +525,99 @@ class MaskDiTLoss:
 #                               Checkpoint loading                              #
 #################################################################################
 
-# Reference key -> key here, applied after stripping the prefixes. Empty: the assumed reference layout (module
-# docstring) already matches this file's names.
-_KEY_RENAMES = {}
+# The public layout (Anima-Lab/MaskDiT EDMPrecond with the released options: use_decoder, mae_loss_coef > 0,
+# no pad_cls_token / ext_feature_dim / use_encoder_feat) after the "model." prefix: exactly this module's names.
+_PUBLIC_KEY = re.compile(
+    r"pos_embed|decoder_pos_embed|mask_token"
+    r"|x_embedder\.proj\.(weight|bias)"
+    r"|t_embedder\.mlp\.[02]\.(weight|bias)"
+    r"|y_embedder\.embedding_table\.weight"
+    r"|(blocks|decoder_blocks)\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|adaLN_modulation\.1)\.(weight|bias)"
+    r"|(decoder_layer|final_layer)\.(linear|adaLN_modulation\.1)\.(weight|bias)"
+)
+_WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.")  # EDMPrecond, DDP / Accelerate, torch.compile
+
+
+def _select_weights(ckpt, key):
+    """A state dict out of a state dict, an nn.Module, or a container holding one under `key`."""
+    if isinstance(ckpt, nn.Module):
+        return ckpt.state_dict()
+    if not isinstance(ckpt, dict):
+        raise TypeError(f"expected a MaskDiT state dict or checkpoint dict, got {type(ckpt).__name__}")
+    if any(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt
+    if key in ckpt:
+        weights = ckpt[key]
+    elif key == "ema" and any(k in ckpt for k in ("model", "net", "state_dict")):
+        weights = ckpt[next(k for k in ("model", "net", "state_dict") if k in ckpt)]  # no EMA saved: raw weights
+    else:
+        raise KeyError(f"checkpoint has no {key!r} weights; it holds keys {sorted(ckpt)}")
+    return weights.state_dict() if isinstance(weights, nn.Module) else weights
 
 
 def convert_maskdit_checkpoint(ckpt, key="ema"):
-    """Public MaskDiT checkpoint (EDMPrecond state dict, ``model.`` prefix) -> MaskDiT state dict.
+    """Public MaskDiT checkpoint (EDMPrecond state dict, keys under ``model.``) -> MaskDiT state dict.
 
-    ckpt: a state dict, or a container dict holding one under key ("ema" for sampling; falls back to
-    "net", "model", "state_dict"). Values that are nn.Modules are turned into state dicts.
+    ckpt: a state dict (bare EDMPrecond, or this module's names), an nn.Module, or a container such as
+    {"model", "ema", "opt", "args"} holding one under `key` ("ema" for sampling, "model" to resume; a
+    container without "ema" falls back to "model"). Prefixes "model." / "module." / "_orig_mod." are stripped.
+    Raises ValueError naming every key that is not part of the MaskDiT layout (never dropped silently).
     """
-    if isinstance(ckpt, nn.Module):
-        ckpt = ckpt.state_dict()
-    if not any(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        for k in (key, "ema", "net", "model", "state_dict"):
-            if k in ckpt:
-                ckpt = ckpt[k]
-                break
-        else:
-            raise KeyError(f"no state dict found in checkpoint keys {sorted(ckpt)}")
-        if isinstance(ckpt, nn.Module):
-            ckpt = ckpt.state_dict()
-    out = {}
-    for k, v in ckpt.items():
-        for prefix in ("module.", "_orig_mod.", "model."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[_KEY_RENAMES.get(k, k)] = v
+    out, unmapped = {}, []
+    for k, v in _select_weights(ckpt, key).items():
+        name = k
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if not _PUBLIC_KEY.fullmatch(name):
+            unmapped.append(k)
+        out[name] = v
+    if unmapped:
+        raise ValueError(
+            f"checkpoint key(s) {describe_keys(unmapped)} are not part of the MaskDiT layout; the reference's optional"
+            " hooks (pad_cls_token, ext_feature_dim, use_encoder_feat) are off in every released file and not supported"
+        )
     return out
 
 
-def load_maskdit_checkpoint(model, ckpt_or_path, key="ema", strict=True):
-    """Load a public or self-trained MaskDiT checkpoint into `model` (map_location="cpu")."""
-    ckpt = ckpt_or_path
-    if isinstance(ckpt_or_path, str):
-        ckpt = torch.load(ckpt_or_path, map_location="cpu", weights_only=False)
-    sd = convert_maskdit_checkpoint(ckpt, key)
-    pe = sd.get("pos_embed")
-    if pe is not None and pe.shape != model.pos_embed.shape:
-        raise ValueError(f"checkpoint pos_embed {tuple(pe.shape)} does not match the model {tuple(model.pos_embed.shape)}"
-                         " (built for another resolution or patch size)")
-    return model.load_state_dict(sd, strict=strict)
+def export_maskdit_checkpoint(ema, model=None):
+    """MaskDiT weights -> the public layout {"model": ..., "ema": ...} of EDMPrecond state dicts (keys under
+    ``model.``), as Anima-Lab/MaskDiT train.py writes them (without "opt" / "args") and its sampling and
+    fine-tuning scripts read them. ``export_maskdit_checkpoint(w)["ema"]`` alone is the bare EDMPrecond form.
+
+    ema, model: MaskDiT modules, state dicts (this module's names or public) or containers; model defaults to ema.
+    E.g. export_maskdit_checkpoint(ckpt["ema"], ckpt["model"]) for a dit_models.train checkpoint.
+    """
+    def public(weights):
+        return {f"model.{k}": v.detach().cpu() for k, v in convert_maskdit_checkpoint(weights).items()}
+
+    ema_sd = public(ema)
+    return {"model": ema_sd if model is None else public(model), "ema": ema_sd}
+
+
+def _maskdit_hint(key):
+    if key in ("pos_embed", "decoder_pos_embed"):
+        return ("one row per token: the checkpoint is for another resolution or patch size (build the model with the"
+                " matching input_size: 32 for 256 px, 64 for 512 px)")
+    if key.startswith("y_embedder"):
+        return "the one-hot label Linear is (hidden, num_classes) without a null row: num_classes differs"
+    if key == "mask_token":
+        return "the reference creates mask_token only when mae_loss_coef > 0 (0.1 in every released file)"
+    if key.startswith("decoder_"):
+        return "the decoder differs (released files: 8 blocks x 512 wide)"
+    if key.startswith("final_layer.linear"):
+        return "final_layer.linear has p*p*C rows (no learned sigma in MaskDiT): patch size or in_channels differ"
+    return "the model configuration (registry size, depth, hidden size) differs from the checkpoint's"
+
+
+def load_maskdit_checkpoint(model, ckpt_or_path, key="ema"):
+    """Load a public or self-trained MaskDiT checkpoint into `model`, strictly (map_location="cpu").
+
+    Every checkpoint key must map to a model key and every model key must be present with the same shape;
+    otherwise a ValueError names the key(s). Returns the loaded checkpoint object (e.g. the container).
+    """
+    ckpt = read_checkpoint(ckpt_or_path)
+    load_state_dict_strict(model, convert_maskdit_checkpoint(ckpt, key), hint=_maskdit_hint)
+    return ckpt
 
 
 #################################################################################

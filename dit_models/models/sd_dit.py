@@ -16,6 +16,7 @@ check against arXiv 2403.17004 sections 3-4 before attributing a result to SD-Di
     teacher view at the cleanest noise level                  [E]  value sigma_teacher = 0.002          [D]
     encoder on visible tokens, decoder gets original invisible tokens, no mask tokens            [W]
     discriminative CE over visible tokens + [CLS]; total loss = sum                               [W]
+    [CLS] and each visible token weigh equally in that mean                                       [D]
     same eps for student and teacher views                                                        [D]
     ln sigma_s ~ N(-1.2, 1.2^2), sigma_data = 0.5 (MaskDiT)                                       [D]
     mask_ratio = 0.2 (third-party summaries)                                                      [D]
@@ -186,11 +187,11 @@ class SDDiT(EncoderDecoderDiT):
             x = torch.cat([self.cls_token.to(x.dtype).expand(N, -1, -1), x], dim=1)  # (N, 1+K, D), no pos-embed
             n_cls = 1
         z, h = self.encode(x, c)  # (N, 1+K, D) residual stream, bridge-modulated LN
-        h_vis = self.decoder_embed.linear(h[:, n_cls:])  # (N, K, Dd), [CLS] dropped
+        h_vis = self.decoder_layer.linear(h[:, n_cls:])  # (N, K, Dd), [CLS] dropped
         if ids_keep is None:
             return h_vis, z, c
         # Invisible slots: the unmodified input tokens through the same bridge (no mask tokens).
-        fill = self.decoder_embed(tokens, c, fused=self.fused).to(h_vis.dtype)  # (N, T, Dd)
+        fill = self.decoder_layer(tokens, c, fused=self.fused).to(h_vis.dtype)  # (N, T, Dd)
         return self.merge_tokens(h_vis, ids_keep, fill), z, c  # (N, T, Dd)
 
     def network(self, x_in, c_noise, class_labels, ids_keep=None, return_z=False):
