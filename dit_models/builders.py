@@ -58,6 +58,8 @@ def build_model(method, name, input_size, in_channels, num_classes, class_dropou
     """Builds a registry model; depth/width/heads overrides (for tests and laptops) rebuild it with the same class.
 
     The registry size is read from a shape-only ('meta') instance, then the class is called with the overrides.
+    Encoder-decoder models (MaskDiT, SD-DiT): encoder overrides shrink the decoder with them unless decoder_*
+    overrides are given, so that the small-model flags shrink the whole model (shrunk_decoder).
     """
     reg = model_registry(method)
     if name not in reg:
@@ -82,6 +84,9 @@ def build_model(method, name, input_size, in_channels, num_classes, class_dropou
         cls = type(ref)
         cfg = model_config(ref)
         cfg.update(kwargs)
+        cfg.update(shrunk_decoder(cfg, overrides))
+        if accepts_kwarg(cls, "head_hidden_dim"):  # SD-DiT's projection heads follow the width too
+            cfg.update({k: v for k, v in shrunk_heads(overrides).items() if k not in kwargs})
         cfg.update(overrides)
         bad = [k for k in cfg if not accepts_kwarg(cls, k)]
         if bad:
@@ -90,6 +95,32 @@ def build_model(method, name, input_size, in_channels, num_classes, class_dropou
     if fused is not None and hasattr(model, "fused"):
         model.fused = bool(fused)
     return model
+
+
+def shrunk_decoder(cfg, overrides):
+    """Decoder size that follows encoder overrides: no wider than the encoder (its heads), no deeper. The public
+    MaskDiT decoder is 8 x 512 under every encoder; a 4 x 64 encoder then gets a 4 x 64 decoder, not 8 x 512."""
+    if "decoder_hidden_size" not in cfg or any(k.startswith("decoder_") for k in overrides):
+        return {}
+    out = {}
+    if "hidden_size" in overrides and overrides["hidden_size"] < cfg["decoder_hidden_size"]:
+        out["decoder_hidden_size"] = overrides["hidden_size"]
+        out["decoder_num_heads"] = overrides.get("num_heads", cfg.get("num_heads", cfg.get("decoder_num_heads")))
+    elif "num_heads" in overrides and cfg["decoder_hidden_size"] % overrides["num_heads"] == 0:
+        out["decoder_num_heads"] = min(overrides["num_heads"], cfg.get("decoder_num_heads", overrides["num_heads"]))
+    if "depth" in overrides and overrides["depth"] < cfg.get("decoder_depth", 0):
+        out["decoder_depth"] = overrides["depth"]
+    return out
+
+
+def shrunk_heads(overrides):
+    """SD-DiT projection-head sizes for a narrowed model (the defaults 2048 / 256 / 8192 are sized for width 1152:
+    a width-64 model would otherwise carry 14 M head parameters beside a 0.6 M backbone)."""
+    width = overrides.get("hidden_size")
+    if width is None:
+        return {}
+    return {"head_hidden_dim": min(2048, 4 * width), "head_bottleneck_dim": min(256, width),
+            "head_out_dim": min(8192, 16 * width)}
 
 
 def model_config(model):

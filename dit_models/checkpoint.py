@@ -18,23 +18,37 @@ import re
 
 import torch
 
-__all__ = ["load_checkpoint", "load_state_dict_strict", "read_checkpoint", "select_state_dict",
+__all__ = ["CheckpointReadError", "load_checkpoint", "load_state_dict_strict", "read_checkpoint", "select_state_dict",
            "infer_config_from_state_dict"]
 
 _PREFIXES = ("module.", "_orig_mod.")
 _CONTAINER_KEYS = ("ema", "model", "state_dict")
 
 
+class CheckpointReadError(ValueError):
+    """A file that torch.load cannot read: truncated, corrupt, or not a PyTorch checkpoint."""
+
+
 def read_checkpoint(path_or_state):
-    """Load a checkpoint file onto the CPU (or pass a dict through unchanged)."""
+    """Load a checkpoint file onto the CPU (or pass a dict through unchanged).
+
+    An unreadable file raises CheckpointReadError naming it, instead of whatever the unpickler tripped
+    over ("invalid literal for int() with base 10: 'arbage'" for a text file)."""
     if not isinstance(path_or_state, (str, os.PathLike)):
         return path_or_state
+    if not os.path.isfile(path_or_state):
+        raise FileNotFoundError(f"checkpoint {str(path_or_state)!r} does not exist")
     try:
-        return torch.load(path_or_state, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # DiT/SiT train.py store `args` as an argparse.Namespace, which the safe weights_only
-        # unpickler rejects. Only load files you trust this way.
-        return torch.load(path_or_state, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path_or_state, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # DiT/SiT train.py store `args` as an argparse.Namespace, which the safe weights_only
+            # unpickler rejects. Only load files you trust this way.
+            return torch.load(path_or_state, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001  (the unpickler raises anything on garbage)
+        size = os.path.getsize(path_or_state)
+        raise CheckpointReadError(f"cannot read checkpoint {str(path_or_state)!r} ({size:,} bytes): not a PyTorch "
+                                  f"checkpoint, or truncated / corrupt ({type(e).__name__}: {e})") from e
 
 
 def _is_container(obj):

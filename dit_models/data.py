@@ -126,6 +126,31 @@ def center_crop_arr(pil_image, image_size):
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
 
 
+class UnreadableImageError(ValueError):
+    """An image file of an ImageFolder that PIL cannot decode."""
+
+
+def _readable(path, channels):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB" if channels == 3 else "L").load()
+        return True
+    except Exception:  # noqa: BLE001  (PIL raises many types on bad files)
+        return False
+
+
+def drop_unreadable(samples, channels=3):
+    """The samples whose image decodes, and the paths of those that do not (decodes every file once)."""
+    from tqdm.auto import tqdm
+
+    good, bad = [], []
+    for path, label in tqdm(samples, desc="checking images", unit="img", disable=None, leave=False):
+        (good if _readable(path, channels) else bad).append((path, label))
+    return good, [p for p, _ in bad]
+
+
 def scan_image_folder(root):
     """Returns (sorted class names, [(path, class index)]). Clear errors for missing/empty folders."""
     if not os.path.exists(root):
@@ -149,16 +174,22 @@ def scan_image_folder(root):
 class ImageFolderDataset(torch.utils.data.Dataset):
     """root/<class>/<image> -> (C, size, size) float in [-1, 1] (ADM center crop), label.
 
-    Unreadable images raise an error that names the file (no silent skipping: a skipped image would change
-    batch composition and make resume inexact). Flips are applied by `augment`.
+    An unreadable image raises UnreadableImageError naming the file when it is first read (no silent skip in
+    the loop: it would change batch composition and make resume inexact); skip_bad_images=True instead decodes
+    every image once up front and leaves out, counted and named, those that fail. Flips are applied by `augment`.
     """
 
     in_memory = False
     kind = "pixels"
 
-    def __init__(self, root, image_size, channels=3):
+    def __init__(self, root, image_size, channels=3, skip_bad_images=False):
         self.root, self.image_size, self.channels = root, image_size, channels
         self.classes, self.samples = scan_image_folder(root)
+        self.skipped = []
+        if skip_bad_images:
+            self.samples, self.skipped = drop_unreadable(self.samples, channels)
+            if not self.samples:
+                raise ValueError(f"ImageFolder {root!r}: none of its {len(self.skipped)} images can be read")
         self.num_classes, self.resolution, self.name = len(self.classes), image_size, os.path.basename(os.path.normpath(root))
 
     def __len__(self):
@@ -172,8 +203,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 im = im.convert("RGB" if self.channels == 3 else "L")
                 arr = center_crop_arr(im, self.image_size)
-        except Exception as e:
-            raise RuntimeError(f"cannot read image {path!r} (index {i}): {e}") from e
+        except Exception as e:  # noqa: BLE001  (PIL raises many types on bad files)
+            raise UnreadableImageError(f"cannot read image {path!r} ({type(e).__name__}: {e}); fix or remove it, or "
+                                       "pass --skip-bad-images to leave out every unreadable image") from e
         x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(127.5).sub_(1.0)
         x = x.permute(2, 0, 1) if x.dim() == 3 else x[None]
         return x, label
@@ -182,7 +214,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return random_flip(x, generator)
 
     def describe(self):
-        return f"ImageFolder {self.root}: {len(self)} images, {self.num_classes} classes, {self.image_size}px"
+        skipped = ""
+        if self.skipped:
+            shown = ", ".join(self.skipped[:3]) + (", ..." if len(self.skipped) > 3 else "")
+            skipped = f" ({len(self.skipped)} unreadable images skipped: {shown})"
+        return f"ImageFolder {self.root}: {len(self)} images, {self.num_classes} classes, {self.image_size}px{skipped}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,7 +343,7 @@ class VAEEncodedDataset(torch.utils.data.Dataset):
         return self.images.describe() + f" -> VAE latents {self.channels}x{self.resolution}x{self.resolution}"
 
 
-def build_dataset(spec, image_size=256, vae="none", device="cpu", split="train"):
+def build_dataset(spec, image_size=256, vae="none", device="cpu", split="train", skip_bad_images=False):
     """Resolves a --data spec (see module docstring) to a dataset with num_classes/channels/resolution."""
     if spec in ("digits", "digits16"):
         return digits_dataset(split, 16)
@@ -317,7 +353,7 @@ def build_dataset(spec, image_size=256, vae="none", device="cpu", split="train")
         raise ValueError("--data is empty; use --data digits or a folder")
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "meta.json")):
         return LatentDataset(spec)
-    images = ImageFolderDataset(spec, image_size)
+    images = ImageFolderDataset(spec, image_size, skip_bad_images=skip_bad_images)
     if vae in (None, "none"):
         return images
     if image_size % 8:

@@ -3,8 +3,6 @@ checkpoint (ours or a released file) for sampling, VAE decoding.
 
 Used by dit_models.sample, sample_ddp, evaluate and train (in-training grids, quickstart evaluation).
 """
-import os
-
 import torch
 from tqdm.auto import tqdm
 
@@ -281,8 +279,6 @@ def load_model_for_sampling(ckpt_path, method=None, device="cpu", model_name=Non
     """
     from dit_models.checkpoint import read_checkpoint
 
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
     ckpt = read_checkpoint(ckpt_path)
     ours = isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "method" in ckpt["args"] and "ema" in ckpt
     if ours:

@@ -30,6 +30,7 @@ import torch
 
 from dit_models import utils
 from dit_models.builders import METHODS, MethodUnavailable, accepts_kwarg, build_model_from_args, model_config
+from dit_models.data import UnreadableImageError
 from dit_models.utils import derive_seed
 
 DEFAULT_MODEL = {"ddpm": "DiT-XL/2", "sit": "SiT-XL/2", "maskdit": "MaskDiT-XL/2", "sddit": "SD-DiT-XL/2"}
@@ -193,6 +194,9 @@ def get_parser():
     g.add_argument("--image-size", type=int, default=256, help="ImageFolder resolution (pixels)")
     g.add_argument("--vae", default="none", help="ImageFolder: none (pixel space) | ema | mse | diffusers path")
     g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for file datasets")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="ImageFolder: decode every image once before training and leave out (counted, named) those "
+                        "that fail; default: stop with an error naming the first unreadable file")
     g = p.add_argument_group("optimisation")
     g.add_argument("--results-dir", default="results")
     g.add_argument("--global-batch-size", type=int, default=None, help="256 (ddpm/sit), 1024 (maskdit/sddit)")
@@ -296,7 +300,7 @@ def main(args):
     local_batch = args.global_batch_size // world
 
     # Data first: the model's input size, channels and class count come from it.
-    dataset = build_dataset(args.data, args.image_size, args.vae, device)
+    dataset = build_dataset(args.data, args.image_size, args.vae, device, skip_bad_images=args.skip_bad_images)
     batches = StepBatches(dataset, local_batch, rank, world, args.seed, args.num_workers)
     if args.num_classes is None:
         args.num_classes = dataset.num_classes
@@ -317,6 +321,11 @@ def main(args):
     # Same initial weights on every rank (DDP also broadcasts them); bad model flags fail before any output.
     utils.seed_everything(derive_seed(args.seed, 10**9))
     model = build_model_from_args(args, dataset.resolution, dataset.channels).to(device)
+    # Record the decoder size the model got (builders.shrunk_decoder may derive it from the encoder flags), so
+    # that the checkpoint rebuilds the same model whatever the defaults become.
+    for key, value in model_config(model).items():
+        if key.startswith("decoder_") and cfg.get(key) is None:
+            cfg[key] = value
     objective = build_objective(args)
 
     if args.dry_run:
@@ -533,7 +542,10 @@ def cli(argv=None):
     try:
         out = main(args)
     except (FileNotFoundError, NotADirectoryError, ValueError, ImportError, MethodUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e).strip()
+        if isinstance(e, UnreadableImageError):  # re-raised from a DataLoader worker: keep the original line
+            msg = msg.splitlines()[-1].split("UnreadableImageError: ", 1)[-1]
+        print(f"error: {msg}", file=sys.stderr)
         utils.cleanup_distributed()
         sys.exit(2)
     if args.dry_run:

@@ -200,7 +200,9 @@ def latest_checkpoint(path):
 
 def load_training_checkpoint(path):
     """Loads one of our training checkpoints on the CPU (map_location='cpu' avoids GPU OOM on resume)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from dit_models.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)
     missing = {"model", "ema", "opt", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
     if missing:
         raise ValueError(f"{path!r} is not a resumable training checkpoint (missing {sorted(missing)}); "

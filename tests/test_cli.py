@@ -143,6 +143,19 @@ def test_bad_inputs(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", [b"garbage\n", b"PK\x03\x04" + b"\0" * 40, b""])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys, content):
+    """A text file, a truncated zip and an empty file: every tool names the file, exits 2, no traceback."""
+    bad = tmp_path / "0001000.pt"
+    bad.write_bytes(content)
+    for tool, argv in [(sample.cli, ["--ckpt", str(bad)]), (evaluate.cli, ["--ckpt", str(bad)]),
+                       (train.cli, ["--resume", str(bad), *TINY, "--results-dir", str(tmp_path / "runs")])]:
+        with pytest.raises(SystemExit) as e:
+            tool(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "cannot read checkpoint" in err and str(bad) in err, (tool, err)
+
+
 def test_dry_run_prints_config(tmp_path, capsys):
     out = train.cli(["--method", "sit", "--model", "SiT-S/2", "--dry-run", "--results-dir", str(tmp_path), *TINY])
     text = capsys.readouterr().out

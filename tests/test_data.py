@@ -88,8 +88,11 @@ def test_bad_data_errors(tmp_path):
     (bad / "a" / "broken.png").write_bytes(b"not a png")
     ds = data.build_dataset(str(bad), image_size=16)
     i = [p for p, _ in ds.samples].index(str(bad / "a" / "broken.png"))
-    with pytest.raises(RuntimeError, match="broken.png"):
+    with pytest.raises(data.UnreadableImageError, match="broken.png.*--skip-bad-images"):
         ds[i]
+    skipping = data.build_dataset(str(bad), image_size=16, skip_bad_images=True)
+    assert len(skipping) == 1 and skipping.skipped == [str(bad / "a" / "broken.png")]
+    assert "1 unreadable images skipped" in skipping.describe() and "broken.png" in skipping.describe()
     f = tmp_path / "file.txt"
     f.write_text("x")
     with pytest.raises(NotADirectoryError):
@@ -144,3 +147,23 @@ def test_vae_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers.models", None)
     with pytest.raises(ImportError, match="diffusers.*--vae none"):
         data.build_dataset(root, image_size=16, vae="ema")
+
+
+def test_train_on_a_folder_with_a_bad_image(tmp_path, capsys):
+    """The training command names the unreadable file (from a DataLoader worker too) instead of a PIL
+    traceback; --skip-bad-images trains on the rest and says how many it left out."""
+    from dit_models import train
+
+    root = tmp_path / "imgs"
+    _write_images(str(root), [("a", 4, (20, 20)), ("b", 4, (20, 20))])
+    (root / "b" / "zz_truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    argv = ["--method", "sit", "--model", "SiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
+            "--data", str(root), "--image-size", "16", "--global-batch-size", "9", "--max-steps", "1",
+            "--sample-every", "0", "--results-dir", str(tmp_path / "runs"), "--device", "cpu", "--num-workers", "1"]
+    with pytest.raises(SystemExit) as e:
+        train.cli(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "zz_truncated.png" in err and "Traceback" not in err, err
+    out = train.cli(argv[:argv.index("--global-batch-size")] + ["--global-batch-size", "8"] +
+                    argv[argv.index("--max-steps"):] + ["--skip-bad-images"])
+    assert out["checkpoint"] and "1 unreadable images skipped" in open(out["log"]).read()

@@ -150,3 +150,19 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert log.count("step       4/4") == 1  # rank-0 logging only
     ck = torch.load(os.path.join(tmp_path, runs[0], "checkpoints", "0000004.pt"), weights_only=False)
     assert set(ck["rng"]) == {0, 1}  # both ranks' RNG states are saved
+
+
+@pytest.mark.parametrize("method, name", [("maskdit", "MaskDiT-S/2"), ("sddit", "SD-DiT-S/2")])
+def test_small_model_flags_shrink_the_whole_model(method, name):
+    """--depth/--hidden-size/--num-heads shrink the decoder (and SD-DiT's heads) too, unless --decoder-* say
+    otherwise; the public decoder is 8 x 512 under every encoder."""
+    from dit_models.builders import build_model, model_config
+
+    small = build_model(method, name, 16, 1, 10, depth=4, hidden_size=64, num_heads=4)
+    cfg = model_config(small)
+    assert (cfg["decoder_depth"], cfg["decoder_hidden_size"], cfg["decoder_num_heads"]) == (4, 64, 4)
+    assert utils.count_params(small) < 1.5e6  # was 27.3 M (MaskDiT) / 41.5 M (SD-DiT) with the 8 x 512 decoder
+    explicit = model_config(build_model(method, name, 16, 1, 10, depth=4, hidden_size=64, num_heads=4, decoder_depth=2))
+    assert (explicit["decoder_depth"], explicit["decoder_hidden_size"]) == (2, 512)
+    full = model_config(build_model(method, name, 16, 1, 10))
+    assert (full["decoder_depth"], full["decoder_hidden_size"]) == (8, 512)
