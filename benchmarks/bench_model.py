@@ -37,6 +37,11 @@ else:  # harness check on tiny models
     SIT_KW = dict(cls="SiT", **TINY)
     SAMPLE_STEPS = 3
 FULL_SAMPLE_STEPS = 250
+
+
+def label(family):
+    """What actually runs: the XL/2 model on CUDA, the tiny harness model on the CPU."""
+    return f"{family}-XL/2" if ON_CUDA else f"{family} d{TINY['depth']} w{TINY['hidden_size']} (CPU harness)"
 NUM_CLASSES = 1000
 
 
@@ -87,14 +92,14 @@ def _loss_fn(method, model, mask_ratio):
 
 TRAIN_CASES = {
     # name: (method, model kwargs, precision, fused, compile, mask_ratio)
-    "DiT-XL/2 fp32+tf32": ("ddpm", DIT_KW, "tf32", False, False, None),
-    "DiT-XL/2 bf16": ("ddpm", DIT_KW, "bf16", False, False, None),
-    "DiT-XL/2 bf16+fused": ("ddpm", DIT_KW, "bf16", True, False, None),
-    "DiT-XL/2 bf16+fused+compile": ("ddpm", DIT_KW, "bf16", True, True, None),
-    "MaskDiT-XL/2 mask0.5 bf16+fused": ("maskdit", MASKDIT_KW, "bf16", True, False, 0.5),
-    "MaskDiT-XL/2 mask0.5 bf16+fused+compile": ("maskdit", MASKDIT_KW, "bf16", True, True, 0.5),
-    "MaskDiT-XL/2 mask0 bf16+fused": ("maskdit", MASKDIT_KW, "bf16", True, False, 0.0),
-    "SD-DiT-XL/2 bf16+fused": ("sddit", SDDIT_KW, "bf16", True, False, None),
+    "DiT fp32+tf32": ("ddpm", DIT_KW, "tf32", False, False, None),
+    "DiT bf16": ("ddpm", DIT_KW, "bf16", False, False, None),
+    "DiT bf16+fused": ("ddpm", DIT_KW, "bf16", True, False, None),
+    "DiT bf16+fused+compile": ("ddpm", DIT_KW, "bf16", True, True, None),
+    "MaskDiT mask0.5 bf16+fused": ("maskdit", MASKDIT_KW, "bf16", True, False, 0.5),
+    "MaskDiT mask0.5 bf16+fused+compile": ("maskdit", MASKDIT_KW, "bf16", True, True, 0.5),
+    "MaskDiT mask0 bf16+fused": ("maskdit", MASKDIT_KW, "bf16", True, False, 0.0),
+    "SD-DiT bf16+fused": ("sddit", SDDIT_KW, "bf16", True, False, None),
 }
 
 
@@ -132,9 +137,10 @@ def test_train_step(benchmark, case):
         torch.cuda.reset_peak_memory_stats()
     seconds = time_fn(step, warmup=3, rounds=8 if ON_CUDA else 2)
     peak = torch.cuda.max_memory_allocated() / 2**30 if ON_CUDA else None
-    info = record(benchmark, case, "train_step", precision, seconds, batch=BATCH,
+    family, variant = case.split(" ", 1)
+    info = record(benchmark, f"{label(family)} {variant}", "train_step", precision, seconds, batch=BATCH,
                   images_per_s=BATCH / seconds[0], peak_mem_GiB=peak)
-    print(f"{case}: {info['images_per_s']:.1f} images/s, peak {peak} GiB")
+    print(f"{info['op']}: {info['images_per_s']:.1f} images/s, peak {peak} GiB")
     run(benchmark, step)
 
 
@@ -172,7 +178,7 @@ def test_sit_sde_sampling(benchmark, case, batch):
     seconds = time_fn(sample, warmup=2, rounds=3 if ON_CUDA else 1)
     scale = FULL_SAMPLE_STEPS / SAMPLE_STEPS
     per_run = seconds[0] * scale
-    info = record(benchmark, f"SiT-XL/2 SDE {case}", "sample", f"batch{batch}", seconds, batch=batch,
+    info = record(benchmark, f"{label('SiT')} SDE {case}", "sample", f"batch{batch}", seconds, batch=batch,
                   steps_timed=SAMPLE_STEPS, seconds_per_250_steps=per_run, seconds_per_image=per_run / batch,
                   images_per_s=batch / per_run)
     print(f"{case} batch {batch}: {info['seconds_per_image']:.3f} s/image, {info['images_per_s']:.2f} images/s")

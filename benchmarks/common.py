@@ -95,6 +95,9 @@ def device_info():
     }
 
 
+RECORDS = []  # every record of this session, for the summary tables (benchmarks/conftest.py)
+
+
 def record(benchmark, name, provider, mode, seconds, nbytes=None, flops=None, **extra):
     """Attach roofline figures to the pytest-benchmark record and return them."""
     med, p20, p80 = seconds
@@ -108,6 +111,7 @@ def record(benchmark, name, provider, mode, seconds, nbytes=None, flops=None, **
     if flops is not None:
         info["TFLOP/s"] = flops / med / 1e12
     benchmark.extra_info.update(info)
+    RECORDS.append(info)
     jsonl = os.environ.get("DIT_BENCH_JSONL")
     if jsonl:
         with open(jsonl, "a") as f:
