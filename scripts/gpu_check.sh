@@ -51,7 +51,7 @@ if has build; then
            $PY setup.py build_ext --inplace; } \
     || { echo "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1; }
 fi
-$PY -c "import dit_kernels as dk; print('HAS_EXT', dk.HAS_EXT, 'cuda ops', sorted(dk._ext.KERNELS['cuda']))"
+$PY -m dit_kernels.info
 
 if has check; then  # CUDA vs CPU kernels on awkward shapes, determinism, graph capture
   stage check 120 "$OUT/check.log" $PY scripts/check_foundation_cuda.py --no-bench
