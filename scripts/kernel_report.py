@@ -391,7 +391,7 @@ def dests_srcs(ins):
     return dests, srcs, consts
 
 
-def address_params(instrs, i, walk_back, limit=800):
+def address_params(instrs, i, walk_back, limit=5000):
     """Constant-bank offsets (kernel parameters) the address of memory instruction i derives from:
     a backward slice over the instructions that dominate it (walk_back(i) yields their indices,
     nearest first). A register defined by a load is data (an index), not followed further."""
@@ -810,8 +810,11 @@ _BWD_ARGS = {0x210: "dh", 0x218: "dxn", 0x220: "xn", 0x228: "mean", 0x230: "rstd
              0x248: "gate", 0x260: "dx", 0x268: "dy", 0x270: "ws"}
 KERNEL_PARAMS = {
     "mln_forward_kernel": _FWD_ARGS,
+    "mln_forward_tier_kernel": _FWD_ARGS,
+    "gated_residual_tier_kernel": {0x210: "x", 0x218: "y", 0x220: "gate", 0x230: "out"},
     "mln_backward_kernel": _BWD_ARGS,
-    "mln_column_finalize_kernel": {0x210: "ws", 0x218: "out0", 0x220: "out1", 0x228: "out2"},
+    "mln_backward_tier_kernel": _BWD_ARGS,
+    "mln_column_finalize_kernel": {0x210: "ws", 0x218: "out", 0x220: "out", 0x228: "out"},
     "gated_residual_kernel": {0x210: "x", 0x218: "y", 0x220: "gate", 0x230: "out"},
     "image_to_tokens_kernel": {0x210: "img", 0x218: "tok"},
     "tokens_to_image_kernel": {0x210: "tok", 0x218: "img"},
@@ -839,7 +842,11 @@ def _row_pack_bits(args, vec_index, dtype_indices):
 VECTORISED = {
     "mln_forward_kernel": (lambda a: _row_pack_bits(a, 3, (0, 1, 2)), {"mean", "rstd"}),
     "mln_backward_kernel": (lambda a: _row_pack_bits(a, 3, (0, 1, 2)), {"mean", "rstd"}),
+    "mln_backward_tier_kernel": (lambda a: _row_pack_bits(a, 3, (0, 1, 2)), {"mean", "rstd"}),
     "gated_residual_kernel": (lambda a: _row_pack_bits(a, 3, (0, 1, 2)), set()),
+    "mln_forward_tier_kernel": (lambda a: _row_pack_bits(a, 3, (0, 1, 2)), {"mean", "rstd"}),
+    "gated_residual_tier_kernel": (lambda a: _row_pack_bits(a, 3, (0, 1, 2)), set()),
+    "mln_column_finalize_kernel": (lambda a: _row_pack_bits(a, 2, (0, 1)), set()),
     "gather_rows_kernel": (lambda a: _row_pack_bits(a, 1, (0,)), {"ids"}),
     "merge_rows_kernel": (lambda a: _row_pack_bits(a, 2, (0, 1)), {"inv"}),
     "scatter_bwd_token_kernel": (lambda a: _row_pack_bits(a, 2, (0, 1)), {"inv"}),
@@ -1227,11 +1234,89 @@ def baseline_patch(which, direction):
                    elems_per_thread=total / (grid * 256))]
 
 
+# ---- the current tree -------------------------------------------------------------------------------
+# Mirrors of the host code's launch arithmetic (csrc/cuda/modulated_layer_norm.cuh: RowTiers,
+# min_blocks_for, kFwdTierWords; gated_residual_kernel.cu: kGrTierWords).
+ROW_TIERS = {8: (2, 3, 4, 5), 4: (3, 6, 8, 9)}
+
+
+def row_tier(vec, dim):
+    nvec = dim // vec
+    return next((p for p in ROW_TIERS.get(vec, ()) if nvec <= p * 32), None)
+
+
+def min_blocks_for(threads, words):
+    regs = ((words + 56 + 7) // 8) * 8
+    return max(1, min(8, 65536 // (threads * min(regs, 255))))
+
+
+def fwd_tier_words(t, m, l, vec, ppl, residual):
+    tb, mb, lb = DTYPE_BYTES[t], DTYPE_BYTES[m], DTYPE_BYTES[l]
+    accb = 8 if t == "fp64" else 4
+    return ppl * vec * (tb + 2 * mb + (lb + mb if residual else 0)) // 4 + ppl * vec * accb // 4
+
+
+def current_mln_fwd(residual, layout):
+    t, m, l, vec = row_dtypes(layout)
+    xb, lb = act_bytes(layout)
+    rows = FWD_ROWS
+    ppl = row_tier(vec, D)
+    per_sm = min_blocks_for(128, fwd_tier_words(t, m, l, vec, ppl, residual))
+    grid = min(math.ceil(rows / 4), SM_COUNT * per_sm)
+    nbytes = (2 * xb + 2 * lb if residual else xb + lb) + 2 * STATS + (3 if residual else 2) * N * D * DTYPE_BYTES[m]
+    return Launch(f"mln_forward_tier_kernel<{t},{m},{l},{vec},{ppl},{'true' if residual else 'false'}>",
+                  "gated_residual_kernel" if residual else "modulated_layer_norm_kernel", grid, 128, nbytes,
+                  loops=[(r"for \(int64_t row =", grid_stride_iters(rows, grid, 4))],
+                  l2=frozenset({"gate", "shift", "scale"}), elems_per_thread=D / 32 * rows / (grid * 4))
+
+
+def current_gr_fwd():
+    t, m, l, vec = row_dtypes("bf16")
+    rows = FWD_ROWS
+    ppl = row_tier(vec, D)
+    words = ppl * vec * (DTYPE_BYTES[t] + DTYPE_BYTES[l] + DTYPE_BYTES[m]) // 4
+    grid = min(math.ceil(rows / 4), SM_COUNT * min_blocks_for(128, words))
+    return Launch(f"gated_residual_tier_kernel<{t},{m},{l},{vec},{ppl}>", "gated_residual_kernel", grid, 128,
+                  3 * ACT + N * D * 2, loops=[(r"for \(int64_t row =", grid_stride_iters(rows, grid, 4))],
+                  l2=frozenset({"gate"}), elems_per_thread=D / 32 * rows / (grid * 4))
+
+
+def current_mln_bwd(file, nq, has_dh, layout):
+    """The one-pass tier backward + the finalize (mirror of launch_mln_backward_tier)."""
+    t, m, l, vec = row_dtypes(layout)
+    xb, lb = act_bytes(layout)
+    kind = 0 if nq == 2 else (1 if not has_dh else 2)
+    ppl = row_tier(vec, D)
+    k_dh, k_res = kind != 1, kind != 0
+    words = 48 + ppl * vec * ((DTYPE_BYTES[l] + DTYPE_BYTES[t] if k_dh else 0) +
+                              (DTYPE_BYTES[t] + DTYPE_BYTES[l] if k_res else 0)) // 4
+    smem = 4 * D * (int(k_dh) + int(k_res) + nq * 8)
+    per_sm = min(min_blocks_for(256, words), max(1, (228 * 1024) // (smem + 1024)))
+    chunks = math.ceil(T / 64)
+    items = N * chunks
+    grid = min(items, SM_COUNT * per_sm)
+    ws = items * nq * D * 4
+    nbytes = {0: lb + 2 * xb, 1: xb + 2 * lb, 2: 3 * xb + 3 * lb}[kind] + ws + 2 * STATS * k_dh
+    bwd = Launch(f"mln_backward_tier_kernel<{t},{m},{l},{vec},{ppl},{kind}>", file, grid, 256, nbytes, smem,
+                 loops=[(r"for \(int64_t item = blockIdx", grid_stride_iters(items, grid, 1)),
+                        (r"for \(int v = threadIdx\.x; v < nvec", 1), (r"t = t_begin \+ warp", 64 // 8)],
+                 l2=frozenset({"scale", "gate"}), elems_per_thread=64 * D / 256 * items / grid)
+    return [bwd, current_finalize(file, m, nq, chunks, ws)]
+
+
+def current_finalize(file, m, nq, tiles, ws):
+    total = N * nq * D // 4
+    return Launch(f"mln_column_finalize_kernel<fp32,{m},4>", file, min(math.ceil(total / 256), SM_COUNT * 32), 256,
+                  ws + N * nq * D * DTYPE_BYTES[m],
+                  loops=[(r"for \(int64_t i = static_cast<int64_t>\(blockIdx", 1), (r"t < tiles", Unrolled(tiles))],
+                  elems_per_thread=4 * tiles)
+
+
 BASELINE = dict(mln_fwd=baseline_mln_fwd, mln_bwd=baseline_mln_bwd, gr_fwd=baseline_gr_fwd, tokens=token_launches,
                 patch=baseline_patch)
 
-# The current tree's launches (kept equal to BASELINE until a kernel changes).
-CURRENT = dict(BASELINE)
+# The current tree's launches.
+CURRENT = dict(BASELINE, mln_fwd=current_mln_fwd, gr_fwd=current_gr_fwd, mln_bwd=current_mln_bwd)
 
 
 def ops_table(tree):

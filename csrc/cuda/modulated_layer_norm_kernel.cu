@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_backward_cud
     a.tokens = T;
     a.dim = static_cast<int>(D);
     a.nq = 2;
-    dit::launch_mln_backward<scalar_t, mod_t, branch_t>(
+    dit::launch_mln_backward<dit::kBwdLn, scalar_t, mod_t, branch_t>(
         a, N, {dshift.data_ptr<mod_t>(), dscale.data_ptr<mod_t>(), nullptr}, xc);
   });
   return {dx, dshift, dscale};
