@@ -817,6 +817,7 @@ KERNEL_PARAMS = {
     "mln_column_finalize_kernel": {0x210: "ws", 0x218: "out", 0x220: "out", 0x228: "out"},
     "gated_residual_kernel": {0x210: "x", 0x218: "y", 0x220: "gate", 0x230: "out"},
     "image_to_tokens_kernel": {0x210: "img", 0x218: "tok"},
+    "patch_rows_kernel": {0x210: "src", 0x218: "dst"},
     "tokens_to_image_kernel": {0x210: "tok", 0x218: "img"},
     "inverse_map_kernel": {0x210: "ids", 0x218: "inv"},
     "gather_rows_kernel": {0x210: "x", 0x228: "ids", 0x230: "out"},
@@ -847,6 +848,7 @@ VECTORISED = {
     "mln_forward_tier_kernel": (lambda a: _row_pack_bits(a, 3, (0, 1, 2)), {"mean", "rstd"}),
     "gated_residual_tier_kernel": (lambda a: _row_pack_bits(a, 3, (0, 1, 2)), set()),
     "mln_column_finalize_kernel": (lambda a: _row_pack_bits(a, 2, (0, 1)), set()),
+    "patch_rows_kernel": (lambda a: 128, set()),
     "gather_rows_kernel": (lambda a: _row_pack_bits(a, 1, (0,)), {"ids"}),
     "merge_rows_kernel": (lambda a: _row_pack_bits(a, 2, (0, 1)), {"inv"}),
     "scatter_bwd_token_kernel": (lambda a: _row_pack_bits(a, 2, (0, 1)), {"inv"}),
@@ -1194,24 +1196,28 @@ def baseline_gr_fwd():
                   l2=frozenset({"gate"}), elems_per_thread=D / 32 * rows / (grid * 4))
 
 
-def token_launches(which):
-    """The token kernels (unchanged by issue 11 so far: one set for both trees)."""
+def token_launches(which, current=False):
+    """The token kernels; `current`: copy_row loads a whole row (kRowVecs per lane) before storing."""
     row = D * 2
+    if current:
+        copy = lambda frac: [(r"c0 \+= kWarp \* kRowVecs", frac)]  # noqa: E731
+        guards = []
+    else:
+        copy = lambda frac: [(r"c0 \+= kWarp \* kUnroll", 2 * frac)]  # noqa: E731
+        guards = [(r"if \(c < Dv\)", 5)]
     inv = Launch("inverse_map_kernel", "tokens_kernel", N, 256, N * K * 8 + N * T * 4,
                  loops=[(r"t \+= blockDim", 1), (r"k \+= blockDim", 1)], elems_per_thread=1)
     if which == "gather_fwd":
         return [Launch("gather_rows_kernel<bf16,8>", "tokens_kernel", math.ceil(N * K / 8), 256, 2 * N * K * row,
-                       loops=[(r"c0 \+= kWarp \* kUnroll", 2)], guards=[(r"if \(c < Dv\)", 5)],
-                       elems_per_thread=D / 32)]
+                       loops=copy(1), guards=guards, elems_per_thread=D / 32)]
     if which == "gather_bwd":
         return [inv, Launch("merge_rows_kernel<bf16,bf16,8,false>", "tokens_kernel", math.ceil(N * T / 8), 256,
                             (N * K + N * T) * row + N * T * 4,
-                            loops=[(r"c0 \+= kWarp \* kUnroll", 2 * K / T), (r"c \+= kWarp", D / 8 / 32 * (T - K) / T)],
-                            guards=[(r"if \(c < Dv\)", 5)], elems_per_thread=D / 32)]
+                            loops=copy(K / T) + [(r"c \+= kWarp", D / 8 / 32 * (T - K) / T)],
+                            guards=guards, elems_per_thread=D / 32)]
     if which == "scatter_fwd":
         return [inv, Launch("merge_rows_kernel<bf16,bf16,8,true>", "tokens_kernel", math.ceil(N * T / 8), 256,
-                            (N * K + N * T) * row + N * T * 4,
-                            loops=[(r"c0 \+= kWarp \* kUnroll", 2 * K / T)], guards=[(r"if \(c < Dv\)", 5)],
+                            (N * K + N * T) * row + N * T * 4, loops=copy(K / T), guards=guards,
                             l2=frozenset({"fill"}), elems_per_thread=D / 32)]
     if which == "scatter_bwd":
         tiles = math.ceil(N * T / 128)
@@ -1219,7 +1225,7 @@ def token_launches(which):
                             tiles * math.ceil(D / 8 / 32), 256, (N * T + N * K) * row + N * T * 4 + tiles * D * 4,
                             loops=[(r"s0 \+= kUnroll", 128 // 8 // 4)], elems_per_thread=16 * 8),
                 Launch("scatter_bwd_fill_final_kernel<fp32,bf16>", "tokens_kernel", math.ceil(D / 32), 256,
-                       tiles * D * 4, loops=[(r"tile \+= kTileWarps", tiles / 8)], elems_per_thread=tiles / 8)]
+                       tiles * D * 4, loops=[(r"tile \+= kTileWarps", Unrolled(tiles / 8))], elems_per_thread=tiles / 8)]
     raise KeyError(which)
 
 
@@ -1312,11 +1318,36 @@ def current_finalize(file, m, nq, tiles, ws):
                   elems_per_thread=4 * tiles)
 
 
+def current_patch(which, direction):
+    """patch_rows_kernel (mirror of launch_rows in patchify_kernel.cu), 16-bit words."""
+    n, c, hh, ww, p, nbytes = patch_geometry(which)
+    to_tokens = direction == "patchify"
+    c_feat = c if (to_tokens or which == "pixel") else 2 * c     # DiT's learned-sigma head: C_all = 2C
+    h, w = hh // p, ww // p
+    rows = n * h
+    f = p * p * c_feat
+    row_bytes = (c if to_tokens else c_feat) * p * ww * 2
+    table = math.ceil((f if to_tokens else c * p * p) * 4 / 16) * 16
+    r_batch = max(1, min((32 * 1024) // row_bytes, math.ceil(rows / (SM_COUNT * 8))))
+    src_vecs = r_batch * row_bytes // 16
+    dst_vecs = r_batch * ((w * f) if to_tokens else (c * p * ww)) * 2 // 16
+    moved = 2 * nbytes if to_tokens or which == "pixel" else 3 * nbytes   # unpatchify reads all C_all columns
+    runs = "true" if p % 8 == 0 else "false"
+    kern = f"patch_rows_kernel<u16,{'true' if to_tokens else 'false'},{'true' if to_tokens else 'false'},{runs}>"
+    smem = table + math.ceil(r_batch * c * 8 / 16) * 16 + r_batch * row_bytes
+    return [Launch(kern, "patchify_kernel", math.ceil(rows / r_batch), 256, moved, smem,
+                   loops=[(r"k < table_len", math.ceil((f if to_tokens else c * p * p) / 256)), (r"k < segs", 1),
+                          (r"u0 < src_vecs", math.ceil(src_vecs / (256 * 4))),
+                          (r"u < dst_vecs", math.ceil(dst_vecs / 256))],
+                   elems_per_thread=dst_vecs * 8 / 256)]
+
+
 BASELINE = dict(mln_fwd=baseline_mln_fwd, mln_bwd=baseline_mln_bwd, gr_fwd=baseline_gr_fwd, tokens=token_launches,
                 patch=baseline_patch)
 
 # The current tree's launches.
-CURRENT = dict(BASELINE, mln_fwd=current_mln_fwd, gr_fwd=current_gr_fwd, mln_bwd=current_mln_bwd)
+CURRENT = dict(BASELINE, mln_fwd=current_mln_fwd, gr_fwd=current_gr_fwd, mln_bwd=current_mln_bwd,
+               patch=current_patch, tokens=lambda which: token_launches(which, current=True))
 
 
 def ops_table(tree):
@@ -1325,27 +1356,29 @@ def ops_table(tree):
     mln_f = fwd(False, "bf16")
     fused_f = fwd(True, "bf16")
     auto_f = fwd(True, "fp32/bf16")
+    # Minimal bytes: the formulas of benchmarks/bench_ops.py (checked by tests/test_bench_bytes.py).
+    ids, row, fmod = N * K * 8, D * 2, N * D * 4
     ops = [
-        Op("modulated_layer_norm", "fwd", 2 * ACT + 2 * MOD + 2 * STATS, [mln_f], 3000),
-        Op("modulated_layer_norm", "fwd_bwd", 5 * ACT + 6 * MOD + 4 * STATS,
+        Op("modulated_layer_norm", "fwd", 2 * ACT + 2 * MOD, [mln_f], 3000),
+        Op("modulated_layer_norm", "fwd_bwd", 5 * ACT + 5 * MOD,
            [mln_f] + bwd("modulated_layer_norm_kernel", 2, True, "bf16"), 2400),
-        Op("gated_residual", "fwd", 3 * ACT, [gr()], 3500),
-        Op("gated_residual", "fwd_bwd", 6 * ACT, [gr()] + bwd("gated_residual_kernel", 1, False, "bf16"), 1381,
+        Op("gated_residual", "fwd", 3 * ACT + MOD, [gr()], 3500),
+        Op("gated_residual", "fwd_bwd", 6 * ACT + 3 * MOD, [gr()] + bwd("gated_residual_kernel", 1, False, "bf16"), 1381,
            note="target: >= ref_compiled (1381 measured)"),
-        Op("gated_residual_modulated_layer_norm", "fwd", 4 * ACT, [fused_f], 3000),
-        Op("gated_residual_modulated_layer_norm", "fwd_bwd", 10 * ACT,
+        Op("gated_residual_modulated_layer_norm", "fwd", 4 * ACT + 3 * MOD, [fused_f], 3000),
+        Op("gated_residual_modulated_layer_norm", "fwd_bwd", 10 * ACT + 8 * MOD,
            [fused_f] + bwd("gated_residual_kernel", 3, True, "bf16"), 1607, note="target: >= ref_compiled (1607 measured)"),
-        Op("gated_residual_modulated_layer_norm[fp32 x, bf16 y]", "fwd", 12 * E, [auto_f], 3026,
+        Op("gated_residual_modulated_layer_norm[fp32 x, bf16 y]", "fwd", 12 * E + 3 * fmod, [auto_f], 3026,
            note="target: >= ref_compiled (3026 measured)"),
-        Op("gated_residual_modulated_layer_norm[fp32 x, bf16 y]", "fwd_bwd", 30 * E,
+        Op("gated_residual_modulated_layer_norm[fp32 x, bf16 y]", "fwd_bwd", 30 * E + 8 * fmod,
            [auto_f] + bwd("gated_residual_kernel", 3, True, "fp32/bf16"), 2217,
            note="target: >= ref_compiled (2217 measured)"),
-        Op("gather_tokens", "fwd", 2 * N * K * D * 2, tok("gather_fwd"), 3000),
-        Op("gather_tokens", "fwd_bwd", 3 * N * K * D * 2 + N * T * D * 2, tok("gather_fwd") + tok("gather_bwd"), 3000,
-           host_bound=True),
-        Op("scatter_tokens", "fwd", (N * K + N * T) * D * 2, tok("scatter_fwd"), 3000),
-        Op("scatter_tokens", "fwd_bwd", 2 * (N * K + N * T) * D * 2, tok("scatter_fwd") + tok("scatter_bwd"), 3000,
-           host_bound=True),
+        Op("gather_tokens", "fwd", 2 * N * K * row + ids, tok("gather_fwd"), 3000),
+        Op("gather_tokens", "fwd_bwd", 3 * N * K * row + N * T * row + 2 * ids, tok("gather_fwd") + tok("gather_bwd"),
+           3000, host_bound=True),
+        Op("scatter_tokens", "fwd", (N * K + N * T) * row + ids + row, tok("scatter_fwd"), 3000),
+        Op("scatter_tokens", "fwd_bwd", 2 * (N * K + N * T) * row + 2 * ids + 2 * row,
+           tok("scatter_fwd") + tok("scatter_bwd"), 3000, host_bound=True),
     ]
     for which in ("pixel", "latent"):
         nbytes = patch_geometry(which)[-1]
@@ -1618,13 +1651,16 @@ def write_report(path, cur_facts, cur_models, cur_src, base, fails, notes, param
         for op, lms, rec in fit_info["points"]:
             t = op_time_us(lms, params)
             m = rec["median_ms"] * 1e3
-            L.append(f"| {op.op} | {op.mode} | {m:.1f} | {t:.1f} | {100 * (t / m - 1):+.1f}% | {rec['GB/s']:.0f} | "
-                     f"{op.min_bytes / t / 1e3:.0f} |")
+            L.append(f"| {op.op} | {op.mode} | {m:.1f} | {t:.1f} | {100 * (t / m - 1):+.1f}% | "
+                     f"{op.min_bytes / m / 1e3:.0f} | {op.min_bytes / t / 1e3:.0f} |")
         L.append("")
     L.append("## Ops: prediction vs target (current tree)")
     L.append("")
-    L.append("GB/s from minimal bytes (what the benchmark divides by); `moved` counts what the kernels move")
-    L.append("(workspaces, index maps, re-reads). Predictions at L_dram = 0.6 / **0.7** / 0.9 us.")
+    L.append("GB/s from minimal bytes (benchmarks/bench_ops.py, checked against the references by")
+    L.append("tests/test_bench_bytes.py); `moved` counts what the kernels move (statistics, workspaces, index maps,")
+    L.append("re-reads). Predictions at L_dram = 0.6 / **0.7** / 0.9 us. The measured column divides the H200")
+    L.append("medians by the same minimal bytes (the run itself used older formulas: RESULTS.md's GB/s differ")
+    L.append("slightly; its unpatchify kept all C_all channels).")
     L.append("")
     L.append("| op | mode | minimal MB | moved MB | predicted GB/s (0.6 / **0.7** / 0.9) | target | meets at 0.7? | measured 2026-11-30 (old kernels) | old kernels, modelled |")
     L.append("|---|---|---|---|---|---|---|---|---|")
@@ -1633,7 +1669,11 @@ def write_report(path, cur_facts, cur_models, cur_src, base, fails, notes, param
         preds = [op_gbps(op, lms, dataclasses.replace(params, dram_us=d)) for d in
                  (DRAM_LATENCY_RANGE_US[0], params.dram_us, DRAM_LATENCY_RANGE_US[1])]
         rec = meas.get((op.op, op.mode))
-        mtxt = f"{rec['GB/s']:.0f}" + (" (host-bound)" if op.host_bound else "") if rec else "-"
+        mtxt = "-"
+        if rec:
+            mtxt = f"{op.min_bytes / (rec['median_ms'] * 1e6):.0f}" + (" (host-bound)" if op.host_bound else "")
+            if op.op == "unpatchify[latent]":
+                mtxt += ", all C_all channels"
         b = base_map.get((op.op, op.mode))
         btxt = f"{op_gbps(b[0], b[1], params):.0f}" if b else "-"
         ok = "yes" if preds[1] >= op.target else "**no**"
