@@ -19,13 +19,15 @@
 // Arithmetic is fp32 (fp64 for double); every output is rounded once to its storage dtype.
 //
 // Parallelisation:
-//   gated_residual forward - one warp per row, 4 rows per CTA, grid-stride over rows, 4 x 16-byte
-//     packs per lane in flight (scalar fallback for odd D / unaligned pointers).
-//   fused forward - mln_forward_kernel<RESIDUAL> (modulated_layer_norm.cuh): one warp per row,
-//     the row of x_new is built and kept in registers, stored once, normalised from registers.
-//   backwards - mln_backward_kernel: one CTA per (sample, token tile), warp-per-row statistics,
-//     column-owning threads for the element-wise grads and the per-sample sums, fp32 partials per
-//     tile reduced in a fixed order by a second kernel (deterministic, no atomics).
+//   gated_residual forward - one warp per row, 4 rows per CTA, grid-stride over rows: for the DiT
+//     widths the tier kernel loads the whole row (x, y, gate) before storing it (one trip per row);
+//     else 4 x 16-byte packs per lane in flight (scalar fallback for odd D / unaligned pointers).
+//   fused forward - mln_forward_tier_kernel / mln_forward_kernel<RESIDUAL> (modulated_layer_norm.cuh):
+//     one warp per row, the row of x_new is built and kept in registers, stored once, normalised
+//     from registers.
+//   backwards - mln_backward_tier_kernel (one pass, DiT widths) or mln_backward_kernel (generic),
+//     see modulated_layer_norm.cuh; fp32 partials reduced in a fixed order by a second kernel
+//     (deterministic, no atomics).
 //
 // Memory-traffic floor at DiT-XL/2 training shape (N = 256, T = 256, D = 1152, bf16), one
 // (N, T, D) pass = 151.0 MB:

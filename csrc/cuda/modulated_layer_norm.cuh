@@ -7,15 +7,24 @@
 // results are rounded once to their storage dtype. VEC = kVec16<T> elements per pack, so a branch
 // pack is VEC * sizeof(L) bytes (8 for bf16 with fp32 T: still one vector instruction).
 //
-// Forward (mln_forward_kernel):  one warp per row r = (n, t) of D elements.
+// Two implementations of each: a specialised one (the "tier" kernels, RowTiers below: 16-byte
+// packs, D in the DiT range, not fp64), which the host code takes whenever it can, and the generic
+// one for any D, alignment and dtype.
+//
+// Forward (mln_forward_tier_kernel, mln_forward_kernel):  one warp per row r = (n, t) of D elements.
 //   [RESIDUAL] v = x + gate[n] * y, rounded to T and stored as x_new (the residual stream; the
 //   statistics see exactly the stored values); otherwise v = x.  mu = mean(v), var = mean((v - mu)^2)
 //   (two passes over the row held in registers, fp32 / fp64), rstd = (var + eps)^-1/2,
 //   out = (v - mu) * rstd * (1 + scale[n]) + shift[n], rounded to L.
-//   Rows are vectorised with 16-byte packs when D and every pointer allow it, else scalar; the first
-//   kCachePacks packs of each lane stay in registers, longer rows re-read the remainder (any D works).
+//   Tier: the whole row and its modulation packs in registers, every load issued before the first
+//   use (one memory round trip per row). Generic: 16-byte packs when D and every pointer allow it,
+//   else scalar; the first kCachePacks packs of each lane stay in registers, longer rows re-read
+//   the remainder (any D works).
 //
-// Backward (mln_backward_kernel): one CTA per (sample n, tile of tokens), 8 warps, processing its tile
+// Backward, tier (mln_backward_tier_kernel): one pass, see the comment at the kernel: warp per row,
+//   per-warp column sums in shared memory, persistent CTAs over (sample, 64-row) items, one fp32
+//   partial per item; deterministic on any GPU.
+// Backward, generic (mln_backward_kernel): one CTA per (sample n, tile of tokens), 8 warps, processing its tile
 //   in sub-tiles of 8 rows:  (1) one warp per row computes mean(g), mean(g * xhat) with
 //   g = dh * (1 + scale[n]);  (2) threads own column packs and walk the 8 rows (re-read from L1/L2):
 //     dxn_total = rstd * (g - mean(g) - xhat * mean(g * xhat)) [if dh] + dxn [if given]
