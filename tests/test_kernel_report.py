@@ -90,7 +90,7 @@ def test_trips_dependent_loads_are_serial():
 def test_makespan_counts_waves():
     run = [(1, (1, 0, 0, 0))]            # one DRAM trip per CTA
     lm = kr.LaunchModel(kr.Launch("k", "f", 2 * 132 * 4 + 1, 128, 0), None, kr.Occupancy(4, 16, "registers"),
-                        {}, {}, None, [[0, 2 * 132 * 4 + 1, tuple(run)]], [])
+                        {}, {}, [[0, 2 * 132 * 4 + 1, tuple(run)]], [])
     p = kr.Params(dram_us=1.0)
     assert math.isclose(kr.makespan_us(lm, p), 3.0)   # 2 full waves + 1 CTA
 
