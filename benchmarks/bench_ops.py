@@ -43,20 +43,26 @@ def _modulation(n, d, parts=6, dtype=DTYPE):
 
 
 # ---- op table: inputs, reference, kernel, minimal bytes ------------------------------------------
+# Minimal bytes (what GB/s divides by): fwd = every input element the outputs depend on, read once
+# (unpatchify with channels = C reads C of C_all columns), + every output written once; fwd_bwd adds
+# the backward: every cotangent read, the tensors its formula re-reads (`bwd_reads`: ("in", i) or
+# ("out", i) of the forward), every input gradient written (a gradient that is the cotangent itself,
+# like gated_residual's dx, is not). Statistics and workspaces an implementation keeps are not
+# minimal. tests/test_bench_bytes.py checks each formula against the references on the CPU.
+# `graph`: host overhead exceeds the GPU time of a call (small ops): time a CUDA-graph replay.
 def _mln_case():
     x = _rand(N, T, D)
     shift, scale = _modulation(N, D)[:2]
-    e = x.element_size()
-    act = N * T * D * e
-    mod = 2 * N * D * e
-    stats = 2 * N * T * 4
+    act = N * T * D * x.element_size()
+    mod = N * D * x.element_size()  # one (N, D) modulation tensor
     return dict(
         inputs=(x, shift, scale),
         ref=lambda x, s, c: dk.modulated_layer_norm_ref(x, s, c, upcast=False),
         kernel=lambda x, s, c: dk.modulated_layer_norm(x, s, c, impl="ext"),
         op="modulated_layer_norm",
-        bytes_fwd=2 * act + mod + stats,  # read x, write y
-        bytes_fwd_bwd=5 * act + 3 * mod + 2 * stats,  # + read dy, x; write dx
+        bytes_fwd=2 * act + 2 * mod,  # read x, shift, scale; write y
+        bwd_reads=[("in", 0), ("in", 2)],  # x, scale
+        bytes_fwd_bwd=5 * act + 5 * mod,  # + read dy, x, scale; write dx, dshift, dscale
     )
 
 
@@ -64,44 +70,39 @@ def _gr_case():
     x, y = _rand(N, T, D), _rand(N, T, D)
     gate = _modulation(N, D)[2]
     act = N * T * D * x.element_size()
+    mod = N * D * x.element_size()
     return dict(
         inputs=(x, y, gate),
         ref=lambda x, y, g: dk.gated_residual_ref(x, y, g, upcast=False),
         kernel=lambda x, y, g: dk.gated_residual(x, y, g, impl="ext"),
         op="gated_residual",
-        bytes_fwd=3 * act,  # read x, y; write out
-        bytes_fwd_bwd=6 * act,  # + read dout, y; write dy (dx is dout itself)
+        bytes_fwd=3 * act + mod,  # read x, y, gate; write out
+        bwd_reads=[("in", 1), ("in", 2)],  # y, gate
+        bytes_fwd_bwd=6 * act + 3 * mod,  # + read dout, y, gate; write dy, dgate (dx is dout itself)
     )
 
 
-def _grmln_case():
-    x, y = _rand(N, T, D), _rand(N, T, D)
-    mods = _modulation(N, D)
-    act = N * T * D * x.element_size()
+def _grmln_case(x_dtype=None, y_dtype=None):
+    x, y = _rand(N, T, D, dtype=x_dtype or DTYPE), _rand(N, T, D, dtype=y_dtype or DTYPE)
+    mods = _modulation(N, D, dtype=x_dtype or DTYPE)
+    xa, ya = N * T * D * x.element_size(), N * T * D * y.element_size()  # residual / branch tensors
+    mod = N * D * mods[0].element_size()
+    upcast = x_dtype is not None  # the autocast layout runs the reference as the model does
     return dict(
         inputs=(x, y, mods[2], mods[3], mods[4]),
-        ref=lambda x, y, g, s, c: dk.gated_residual_modulated_layer_norm_ref(x, y, g, s, c, upcast=False),
+        ref=lambda x, y, g, s, c: dk.gated_residual_modulated_layer_norm_ref(x, y, g, s, c, upcast=upcast),
         kernel=lambda x, y, g, s, c: dk.gated_residual_modulated_layer_norm(x, y, g, s, c, impl="ext"),
         op="gated_residual_modulated_layer_norm",
-        bytes_fwd=4 * act,  # read x, y; write x_new, h
-        bytes_fwd_bwd=10 * act,  # + read dx_new, dh, x_new, y; write dx, dy
+        bytes_fwd=2 * xa + 2 * ya + 3 * mod,  # read x, y, gate, shift, scale; write x_new, h
+        bwd_reads=[("out", 0), ("in", 1), ("in", 2), ("in", 4)],  # x_new, y, gate, scale
+        # + read dx_new, dh, x_new, y, gate, scale; write dx, dy, dgate, dshift, dscale
+        bytes_fwd_bwd=5 * xa + 5 * ya + 8 * mod,
     )
 
 
 def _grmln_autocast_case():
     """The layout of bf16 autocast training: fp32 residual x, bf16 branch y (and h, dh, dy), fp32 modulation."""
-    x = _rand(N, T, D, dtype=torch.float32)
-    y = _rand(N, T, D, dtype=torch.bfloat16)
-    mods = _modulation(N, D, dtype=torch.float32)
-    elems = N * T * D
-    return dict(
-        inputs=(x, y, mods[2], mods[3], mods[4]),
-        ref=lambda x, y, g, s, c: dk.gated_residual_modulated_layer_norm_ref(x, y, g, s, c),
-        kernel=lambda x, y, g, s, c: dk.gated_residual_modulated_layer_norm(x, y, g, s, c, impl="ext"),
-        op="gated_residual_modulated_layer_norm",
-        bytes_fwd=12 * elems,  # read x 4 + y 2; write x_new 4 + h 2
-        bytes_fwd_bwd=30 * elems,  # + read dx_new 4, dh 2, x_new 4, y 2; write dx 4, dy 2
-    )
+    return _grmln_case(torch.float32, torch.bfloat16)
 
 
 def _patchify_case(which):
@@ -114,7 +115,9 @@ def _patchify_case(which):
         kernel=lambda x: dk.patchify(x, p, impl="ext"),
         op="patchify",
         bytes_fwd=2 * nbytes,
+        bwd_reads=[],
         bytes_fwd_bwd=4 * nbytes,
+        graph=True,
     )
 
 
@@ -122,14 +125,16 @@ def _unpatchify_case(which):
     n, c, h, w, p = PATCH_SHAPES[which]
     c_all = 2 * c if which == "latent" else c  # DiT's learned-sigma head emits 2C channels
     y = _rand(n, (h // p) * (w // p), p * p * c_all)
-    nbytes = y.numel() * y.element_size()
+    out_bytes = n * c * h * w * y.element_size()
     return dict(
         inputs=(y,),
-        ref=lambda y: dk.unpatchify_ref(y, p, h, w).contiguous(),
-        kernel=lambda y: dk.unpatchify(y, p, h, w, impl="ext"),
+        ref=lambda y: dk.unpatchify_ref(y, p, h, w, c).contiguous(),
+        kernel=lambda y: dk.unpatchify(y, p, h, w, channels=c, impl="ext"),
         op="unpatchify",
-        bytes_fwd=2 * nbytes,
-        bytes_fwd_bwd=4 * nbytes,
+        bytes_fwd=2 * out_bytes,  # read the C kept of C_all channels, write the image
+        bwd_reads=[],
+        bytes_fwd_bwd=3 * out_bytes + y.numel() * y.element_size(),  # + read dout, write dy (zeros for C..C_all)
+        graph=True,
     )
 
 
@@ -137,13 +142,16 @@ def _gather_case():
     x = _rand(N, T, D)
     ids_keep, _, _ = dk.random_token_mask(N, T, K, device=DEVICE)
     row = D * x.element_size()
+    ids = ids_keep.numel() * ids_keep.element_size()
     return dict(
         inputs=(x, ids_keep),
         ref=dk.gather_tokens_ref,
         kernel=lambda x, i: dk.gather_tokens(x, i, impl="ext"),
         op="gather_tokens",
-        bytes_fwd=2 * N * K * row,  # read kept rows, write them
-        bytes_fwd_bwd=3 * N * K * row + N * T * row,  # + read dout, write dx (zeros included)
+        bytes_fwd=2 * N * K * row + ids,  # read ids and the kept rows, write them
+        bwd_reads=[("in", 1)],  # ids
+        bytes_fwd_bwd=3 * N * K * row + N * T * row + 2 * ids,  # + read dout, ids; write dx (zeros included)
+        graph=True,
     )
 
 
@@ -152,13 +160,17 @@ def _scatter_case():
     token = _rand(D)
     ids_keep, _, _ = dk.random_token_mask(N, T, K, device=DEVICE)
     row = D * kept.element_size()
+    ids = ids_keep.numel() * ids_keep.element_size()
     return dict(
         inputs=(kept, ids_keep, token),
         ref=lambda k, i, f: dk.scatter_tokens_ref(k, i, f, T),
         kernel=lambda k, i, f: dk.scatter_tokens(k, i, f, length=T, impl="ext"),
         op="scatter_tokens",
-        bytes_fwd=N * K * row + N * T * row,  # read kept, write all rows
-        bytes_fwd_bwd=2 * N * K * row + 2 * N * T * row,  # + read dout, write dkept
+        bytes_fwd=N * K * row + ids + row + N * T * row,  # read kept, ids, the token; write all rows
+        bwd_reads=[("in", 1)],  # ids
+        # + read dout, ids; write dkept, dtoken
+        bytes_fwd_bwd=2 * N * K * row + 2 * ids + 2 * row + 2 * N * T * row,
+        graph=True,
     )
 
 
@@ -211,7 +223,7 @@ def test_op(benchmark, case_name, provider, mode):
         pytest.skip("smoke run: compile provider skipped")
     benchmark.group = f"{case_name}:{mode}"
     step = _make_step(case, case_name, provider, mode)
-    seconds = time_fn(step, warmup=3, rounds=30 if ON_CUDA else 5)
+    seconds = time_fn(step, warmup=3, rounds=30 if ON_CUDA else 5, graph=case.get("graph", False))
     record(benchmark, case_name, provider, mode, seconds, nbytes=case[f"bytes_{mode}"],
            dtype=str(DTYPE).replace("torch.", ""), shape=dict(N=N, T=T, D=D, K=K))
     run(benchmark, step)

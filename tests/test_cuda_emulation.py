@@ -90,7 +90,12 @@ def _modulation(n, d, dtype, count=3):
 
 # (N, T, D, misalign): vector rows, odd D (scalar path), rows past the register cache, many tiles,
 # D whose backward needs the >48 KB shared-memory opt-in (fp32: 12 B per column with a gate).
-ROW_SHAPES = [(2, 5, 64, 0), (1, 3, 59, 0), (2, 3, 1600, 0), (2, 40, 32, 0), (1, 2, 128, 1)]
+# The specialised (packs-per-lane tier) kernels take every aligned D <= 1280 (16-bit) / 1152 (fp32):
+# 64 and 32 (smallest tiers, partial packs), 1152 (DiT-XL: a half-full last pack for 16-bit types)
+# with T past one backward work item (64 rows), 768 (DiT-B: full packs); 1600 and fp64 take the
+# generic kernels.
+ROW_SHAPES = [(2, 5, 64, 0), (1, 3, 59, 0), (2, 3, 1600, 0), (2, 40, 32, 0), (1, 2, 128, 1), (2, 70, 1152, 0),
+              (1, 9, 768, 0)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -166,7 +171,9 @@ def test_backward_shared_memory_opt_in(dtype, d):
 
 # ---- patchify / unpatchify ----------------------------------------------------------------------
 
-PATCH_CASES = [(2, 4, 8, 8, 2), (1, 3, 32, 32, 16), (2, 5, 6, 12, 3), (1, 1, 4, 4, 1)]
+# The token-row transpose (16-byte vectors) takes the first two (DiT latent- and pixel-like) and the
+# last (several token rows per CTA, a partial last batch); the others need the element kernels.
+PATCH_CASES = [(2, 4, 8, 8, 2), (1, 3, 32, 32, 16), (2, 5, 6, 12, 3), (1, 1, 4, 4, 1), (5, 2, 16, 16, 2)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

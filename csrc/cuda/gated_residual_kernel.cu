@@ -19,13 +19,15 @@
 // Arithmetic is fp32 (fp64 for double); every output is rounded once to its storage dtype.
 //
 // Parallelisation:
-//   gated_residual forward - one warp per row, 4 rows per CTA, grid-stride over rows, 4 x 16-byte
-//     packs per lane in flight (scalar fallback for odd D / unaligned pointers).
-//   fused forward - mln_forward_kernel<RESIDUAL> (modulated_layer_norm.cuh): one warp per row,
-//     the row of x_new is built and kept in registers, stored once, normalised from registers.
-//   backwards - mln_backward_kernel: one CTA per (sample, token tile), warp-per-row statistics,
-//     column-owning threads for the element-wise grads and the per-sample sums, fp32 partials per
-//     tile reduced in a fixed order by a second kernel (deterministic, no atomics).
+//   gated_residual forward - one warp per row, 4 rows per CTA, grid-stride over rows: for the DiT
+//     widths the tier kernel loads the whole row (x, y, gate) before storing it (one trip per row);
+//     else 4 x 16-byte packs per lane in flight (scalar fallback for odd D / unaligned pointers).
+//   fused forward - mln_forward_tier_kernel / mln_forward_kernel<RESIDUAL> (modulated_layer_norm.cuh):
+//     one warp per row, the row of x_new is built and kept in registers, stored once, normalised
+//     from registers.
+//   backwards - mln_backward_tier_kernel (one pass, DiT widths) or mln_backward_kernel (generic),
+//     see modulated_layer_norm.cuh; fp32 partials reduced in a fixed order by a second kernel
+//     (deterministic, no atomics).
 //
 // Memory-traffic floor at DiT-XL/2 training shape (N = 256, T = 256, D = 1152, bf16), one
 // (N, T, D) pass = 151.0 MB:
@@ -96,16 +98,76 @@ __global__ void __launch_bounds__(dit::kFwdWarps* dit::kWarpSize)
   }
 }
 
+// Registers (32-bit words) a tier gated residual keeps live per thread: one row's x, y, gate packs.
+template <typename T, typename M, typename L, int VEC, int PPL>
+constexpr int kGrTierWords = PPL * VEC * static_cast<int>(sizeof(T) + sizeof(L) + sizeof(M)) / 4;
+
+// Gated residual specialised on PPL packs per lane (dit::RowTiers): one warp per row, every load of
+// the row (x, y, gate) issued before the first store, one memory round trip per row.
+template <typename T, typename M, typename L, int VEC, int PPL>
+__global__ void __launch_bounds__(dit::kFwdWarps* dit::kWarpSize,
+                                  dit::min_blocks_for(dit::kFwdWarps* dit::kWarpSize, kGrTierWords<T, M, L, VEC, PPL>))
+    gated_residual_tier_kernel(const T* __restrict__ x, const L* __restrict__ y, const M* __restrict__ gate,
+                               int64_t gate_stride, T* __restrict__ out, int64_t rows, int64_t tokens, int dim) {
+  using acc = acc_t<T>;
+  using PT = dit::Pack<T, VEC>;
+  using PL = dit::Pack<L, VEC>;
+  using PM = dit::Pack<M, VEC>;
+  constexpr int kFull = dit::full_packs<VEC, PPL>();
+  const int lane = threadIdx.x % dit::kWarpSize;
+  const int nvec = dim / VEC;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * dit::kFwdWarps + threadIdx.x / dit::kWarpSize; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * dit::kFwdWarps) {
+    const int64_t base = row * dim;
+    const M* __restrict__ gate_n = gate + (row / tokens) * gate_stride;
+    PT xs[PPL];
+    PL ys[PPL];
+    PM gs[PPL];
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) {
+      const int v = i * dit::kWarpSize + lane;
+      if (i < kFull || v < nvec) {
+        const int64_t c = static_cast<int64_t>(v) * VEC;
+        xs[i] = dit::load_pack<T, VEC>(x + base + c);
+        ys[i] = dit::load_pack<L, VEC>(y + base + c);
+        gs[i] = dit::load_pack<M, VEC>(gate_n + c);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) {
+      const int v = i * dit::kWarpSize + lane;
+      if (i < kFull || v < nvec) {
+        PT o;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          o[e] = static_cast<T>(static_cast<acc>(xs[i][e]) + static_cast<acc>(gs[i][e]) * static_cast<acc>(ys[i][e]));
+        dit::store_pack<T, VEC>(out + base + static_cast<int64_t>(v) * VEC, o);
+      }
+    }
+  }
+}
+
 template <typename T, typename M, typename L>
 void launch_gated_residual(const T* x, const L* y, const M* gate, int64_t gate_stride, T* out, int64_t rows,
                            int64_t tokens, int dim) {
   constexpr int V = dit::kVec16<T>;  // y packs are V * sizeof(L) bytes
   const bool vec = dim % V == 0 && dit::pack_ok<T, V>(x, dim) && dit::pack_ok<L, V>(y, dim) &&
                    dit::pack_ok<T, V>(out, dim) && dit::pack_ok<M, V>(gate, gate_stride);
-  const int64_t blocks =
-      std::min<int64_t>(dit::ceil_div(rows, dit::kFwdWarps), static_cast<int64_t>(dit::sm_count()) * 32);
   auto stream = at::cuda::getCurrentCUDAStream();
   const unsigned threads = dit::kFwdWarps * dit::kWarpSize;
+  if (vec && dit::with_row_tier<V>(dim / V, [&](auto ppl) {
+        constexpr int P = decltype(ppl)::value;
+        constexpr int per_sm = dit::min_blocks_for(dit::kFwdWarps * dit::kWarpSize, kGrTierWords<T, M, L, V, P>);
+        const int64_t blocks =
+            std::min<int64_t>(dit::ceil_div(rows, dit::kFwdWarps), static_cast<int64_t>(dit::sm_count()) * per_sm);
+        gated_residual_tier_kernel<T, M, L, V, P>
+            <<<static_cast<unsigned>(blocks), threads, 0, stream>>>(x, y, gate, gate_stride, out, rows, tokens, dim);
+      })) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t blocks =
+      std::min<int64_t>(dit::ceil_div(rows, dit::kFwdWarps), static_cast<int64_t>(dit::sm_count()) * 32);
   if (vec) {
     gated_residual_kernel<T, M, L, V>
         <<<static_cast<unsigned>(blocks), threads, 0, stream>>>(x, y, gate, gate_stride, out, rows, tokens, dim);
@@ -177,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cuda(const at::Tensor
     a.tokens = T;
     a.dim = static_cast<int>(D);
     a.nq = 1;
-    dit::launch_mln_backward<scalar_t, mod_t, branch_t>(a, N, {dgate.data_ptr<mod_t>(), nullptr, nullptr}, yc);
+    dit::launch_mln_backward<dit::kBwdGr, scalar_t, mod_t, branch_t>(a, N, {dgate.data_ptr<mod_t>(), nullptr, nullptr}, yc);
   });
   return {dy, dgate};
 }
@@ -296,7 +358,7 @@ gated_residual_modulated_layer_norm_backward_cuda(const std::optional<at::Tensor
     } else {
       outs = {dgate.data_ptr<mod_t>(), nullptr, nullptr};
     }
-    dit::launch_mln_backward<scalar_t, mod_t, branch_t>(a, N, outs, xc);
+    dit::launch_mln_backward<dit::kBwdFused, scalar_t, mod_t, branch_t>(a, N, outs, xc);
   });
   return {dx, dy, dgate, dshift, dscale};
 }

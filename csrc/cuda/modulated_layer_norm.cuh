@@ -7,15 +7,24 @@
 // results are rounded once to their storage dtype. VEC = kVec16<T> elements per pack, so a branch
 // pack is VEC * sizeof(L) bytes (8 for bf16 with fp32 T: still one vector instruction).
 //
-// Forward (mln_forward_kernel):  one warp per row r = (n, t) of D elements.
+// Two implementations of each: a specialised one (the "tier" kernels, RowTiers below: 16-byte
+// packs, D in the DiT range, not fp64), which the host code takes whenever it can, and the generic
+// one for any D, alignment and dtype.
+//
+// Forward (mln_forward_tier_kernel, mln_forward_kernel):  one warp per row r = (n, t) of D elements.
 //   [RESIDUAL] v = x + gate[n] * y, rounded to T and stored as x_new (the residual stream; the
 //   statistics see exactly the stored values); otherwise v = x.  mu = mean(v), var = mean((v - mu)^2)
 //   (two passes over the row held in registers, fp32 / fp64), rstd = (var + eps)^-1/2,
 //   out = (v - mu) * rstd * (1 + scale[n]) + shift[n], rounded to L.
-//   Rows are vectorised with 16-byte packs when D and every pointer allow it, else scalar; the first
-//   kCachePacks packs of each lane stay in registers, longer rows re-read the remainder (any D works).
+//   Tier: the whole row and its modulation packs in registers, every load issued before the first
+//   use (one memory round trip per row). Generic: 16-byte packs when D and every pointer allow it,
+//   else scalar; the first kCachePacks packs of each lane stay in registers, longer rows re-read
+//   the remainder (any D works).
 //
-// Backward (mln_backward_kernel): one CTA per (sample n, tile of tokens), 8 warps, processing its tile
+// Backward, tier (mln_backward_tier_kernel): one pass, see the comment at the kernel: warp per row,
+//   per-warp column sums in shared memory, persistent CTAs over (sample, 64-row) items, one fp32
+//   partial per item; deterministic on any GPU.
+// Backward, generic (mln_backward_kernel): one CTA per (sample n, tile of tokens), 8 warps, processing its tile
 //   in sub-tiles of 8 rows:  (1) one warp per row computes mean(g), mean(g * xhat) with
 //   g = dh * (1 + scale[n]);  (2) threads own column packs and walk the 8 rows (re-read from L1/L2):
 //     dxn_total = rstd * (g - mean(g) - xhat * mean(g * xhat)) [if dh] + dxn [if given]
@@ -52,8 +61,77 @@ constexpr int64_t kDefaultSmem = 48 * 1024;         // dynamic shared memory wit
 // so budget ~48 accumulator registers: 6 packs of 8 (bf16/fp16), 12 of 4 (fp32), 12 of 2 (fp64),
 // i.e. rows with D <= 1536 (768 for fp64) stay register-resident; the scalar path keeps 24
 // elements (D <= 768). Longer rows re-read the remainder from L1/L2 (any D works).
+// (The scalar path keeps 16 elements: 24 made the fp16/fp32 fused instantiations spill 4-12 bytes.)
 template <int VEC>
-constexpr int kCachePacks = VEC == 1 ? 24 : (48 / VEC < 12 ? 48 / VEC : 12);
+constexpr int kCachePacks = VEC == 1 ? 16 : (48 / VEC < 12 ? 48 / VEC : 12);
+
+// ---- Packs-per-lane tiers: the specialised row kernels -------------------------------------------
+// A row kernel specialised on PPL (16-byte packs per lane, compile time) holds the whole row in
+// registers, issues every load of a row (row, branch, modulation) before the first use, and has
+// no lane-dependent loop left; D stays a runtime value inside a tier: packs beyond D are
+// predicated off, and only the packs past the next smaller tier can be partial. The tiers are the
+// DiT widths: 16-bit residual stream (VEC 8): PPL 2 / 3 / 4 / 5, D <= 512 / 768 / 1024 / 1280
+// (DiT-S 384, B 768, L 1024, XL 1152); fp32 (VEC 4): PPL 3 / 6 / 8 / 9, D <= 384 / 768 / 1024 /
+// 1152. Other D, unaligned tensors and fp64 take the generic kernels (any D).
+template <int VEC>
+struct RowTiers {
+  static constexpr int count = 0;
+  static constexpr int ppl[4] = {0, 0, 0, 0};
+};
+template <>
+struct RowTiers<8> {
+  static constexpr int count = 4;
+  static constexpr int ppl[4] = {2, 3, 4, 5};
+};
+template <>
+struct RowTiers<4> {
+  static constexpr int count = 4;
+  static constexpr int ppl[4] = {3, 6, 8, 9};
+};
+
+// Packs per lane that are complete for every D of the tier PPL (those of the next smaller tier).
+template <int VEC, int PPL>
+constexpr int full_packs() {
+  int prev = 0;
+  for (int i = 0; i < RowTiers<VEC>::count; ++i)
+    if (RowTiers<VEC>::ppl[i] < PPL) prev = RowTiers<VEC>::ppl[i];
+  return prev;
+}
+
+// Calls f(std::integral_constant<int, PPL>{}) for the smallest tier that holds `nvec` packs;
+// false when none does (the caller takes the generic kernel).
+template <int VEC, typename F>
+inline bool with_row_tier(int64_t nvec, F&& f) {
+  if constexpr (RowTiers<VEC>::count == 4) {
+    constexpr int p0 = RowTiers<VEC>::ppl[0], p1 = RowTiers<VEC>::ppl[1], p2 = RowTiers<VEC>::ppl[2],
+                  p3 = RowTiers<VEC>::ppl[3];
+    if (nvec <= p0 * kWarpSize) {
+      f(std::integral_constant<int, p0>{});
+    } else if (nvec <= p1 * kWarpSize) {
+      f(std::integral_constant<int, p1>{});
+    } else if (nvec <= p2 * kWarpSize) {
+      f(std::integral_constant<int, p2>{});
+    } else if (nvec <= p3 * kWarpSize) {
+      f(std::integral_constant<int, p3>{});
+    } else {
+      return false;
+    }
+    return true;
+  } else {
+    (void)nvec;
+    (void)f;
+    return false;
+  }
+}
+
+// Minimum resident CTAs of `threads` threads for a kernel that keeps `words` 32-bit values per
+// thread live (plus ~56 for addresses, indices and scalars): the __launch_bounds__ that lets ptxas use the
+// registers it needs without spilling, and as many CTAs per SM as those registers allow.
+constexpr int min_blocks_for(int threads, int words) {
+  const int regs = ((words + 56 + 7) / 8) * 8;
+  const int blocks = 65536 / (threads * (regs > 255 ? 255 : regs));
+  return blocks < 1 ? 1 : (blocks > 8 ? 8 : blocks);
+}
 
 __device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_acc(double v) { return 1.0 / sqrt(v); }
@@ -194,6 +272,119 @@ __global__ void __launch_bounds__(kFwdWarps* kWarpSize) mln_forward_kernel(FwdAr
   }
 }
 
+// Registers (32-bit words) a tier forward keeps live per thread: the raw packs of one row's loads
+// and the row as acc values.
+template <typename T, typename M, typename L, int VEC, int PPL, bool RESIDUAL>
+constexpr int kFwdTierWords =
+    PPL * VEC * (static_cast<int>(sizeof(T)) + 2 * static_cast<int>(sizeof(M)) +
+                 (RESIDUAL ? static_cast<int>(sizeof(L) + sizeof(M)) : 0)) / 4 +
+    PPL * VEC * static_cast<int>(sizeof(acc_t<T>)) / 4;
+
+// Forward specialised on PPL packs per lane (see RowTiers): one warp per row, grid-stride over the
+// rows. Per row: (1) every load (x, y, gate, shift, scale packs) is issued, (2) v = x (+ gate * y,
+// rounded to T and stored as x_new), two-pass statistics from registers, (3) out stored. One
+// memory round trip per row; stores never sit between loads of the same row.
+template <typename T, typename M, typename L, int VEC, int PPL, bool RESIDUAL>
+__global__ void __launch_bounds__(kFwdWarps* kWarpSize,
+                                  min_blocks_for(kFwdWarps* kWarpSize,
+                                                 kFwdTierWords<T, M, L, VEC, PPL, RESIDUAL>))
+    mln_forward_tier_kernel(FwdArgs<T, M, L> a) {
+  using acc = acc_t<T>;
+  using PT = Pack<T, VEC>;
+  using PL = Pack<L, VEC>;
+  using PM = Pack<M, VEC>;
+  constexpr int kFull = full_packs<VEC, PPL>();
+  const T* __restrict__ x = a.x;
+  const L* __restrict__ y = a.y;
+  T* __restrict__ x_new = a.x_new;
+  L* __restrict__ out = a.out;
+  const int lane = threadIdx.x % kWarpSize;
+  const int nvec = a.dim / VEC;
+  const acc inv_dim = acc(1) / static_cast<acc>(a.dim);
+  const acc eps = static_cast<acc>(a.eps);
+
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kFwdWarps + threadIdx.x / kWarpSize; row < a.rows;
+       row += static_cast<int64_t>(gridDim.x) * kFwdWarps) {
+    const int64_t n = row / a.tokens;
+    const int64_t base = row * a.dim;
+    const M* __restrict__ gate_n = RESIDUAL ? a.gate + n * a.gate_stride : nullptr;
+    const M* __restrict__ shift_n = a.shift + n * a.shift_stride;
+    const M* __restrict__ scale_n = a.scale + n * a.scale_stride;
+
+    // (1) all loads of the row
+    PT xp[PPL];
+    PL yp[PPL];
+    PM gp[PPL], sp[PPL], cp[PPL];
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) {
+      const int v = i * kWarpSize + lane;
+      if (i < kFull || v < nvec) {
+        const int64_t c = static_cast<int64_t>(v) * VEC;
+        xp[i] = load_pack<T, VEC>(x + base + c);
+        if constexpr (RESIDUAL) {
+          yp[i] = load_pack<L, VEC>(y + base + c);
+          gp[i] = load_pack<M, VEC>(gate_n + c);
+        }
+        sp[i] = load_pack<M, VEC>(shift_n + c);
+        cp[i] = load_pack<M, VEC>(scale_n + c);
+      }
+    }
+
+    // (2) the LN input and its statistics, from registers
+    acc vr[PPL][VEC];
+    acc sum = 0;
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) {
+      const int v = i * kWarpSize + lane;
+      if (i < kFull || v < nvec) {
+        PT stored;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          T t = xp[i][e];
+          if constexpr (RESIDUAL)
+            t = static_cast<T>(static_cast<acc>(t) + static_cast<acc>(gp[i][e]) * static_cast<acc>(yp[i][e]));
+          stored[e] = t;
+          vr[i][e] = static_cast<acc>(t);
+          sum += vr[i][e];
+        }
+        if constexpr (RESIDUAL) store_pack<T, VEC>(x_new + base + static_cast<int64_t>(v) * VEC, stored);
+      }
+    }
+    const acc mu = warp_reduce_sum(sum) * inv_dim;
+    acc sq = 0;
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) {
+      if (i < kFull || i * kWarpSize + lane < nvec) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const acc c = vr[i][e] - mu;
+          sq += c * c;
+        }
+      }
+    }
+    const acc rs = rsqrt_acc(warp_reduce_sum(sq) * inv_dim + eps);
+    if (lane == 0) {
+      a.mean[row] = static_cast<float>(mu);
+      a.rstd[row] = static_cast<float>(rs);
+    }
+
+    // (3) normalise, modulate, store
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) {
+      const int v = i * kWarpSize + lane;
+      if (i < kFull || v < nvec) {
+        PL o;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const acc xhat = (vr[i][e] - mu) * rs;
+          o[e] = static_cast<L>(xhat * (acc(1) + static_cast<acc>(cp[i][e])) + static_cast<acc>(sp[i][e]));
+        }
+        store_pack<L, VEC>(out + base + static_cast<int64_t>(v) * VEC, o);
+      }
+    }
+  }
+}
+
 // True when a (rows, D) or (N, D)-with-row-stride tensor can be read with Pack<E, VEC>.
 template <typename E, int VEC>
 inline bool pack_ok(const void* p, int64_t row_stride) {
@@ -207,8 +398,20 @@ void launch_mln_forward(const FwdArgs<T, M, L>& a) {
                    pack_ok<M, V>(a.shift, a.shift_stride) && pack_ok<M, V>(a.scale, a.scale_stride) &&
                    (!RESIDUAL || (pack_ok<L, V>(a.y, a.dim) && pack_ok<T, V>(a.x_new, a.dim) &&
                                   pack_ok<M, V>(a.gate, a.gate_stride)));
-  const int64_t blocks = std::min<int64_t>(ceil_div(a.rows, kFwdWarps), static_cast<int64_t>(sm_count()) * 32);
   auto stream = at::cuda::getCurrentCUDAStream();
+  // Specialised tier: a grid of resident CTAs (the launch bounds' minimum per SM), grid-stride rows.
+  if (vec && with_row_tier<V>(a.dim / V, [&](auto ppl) {
+        constexpr int P = decltype(ppl)::value;
+        constexpr int per_sm = min_blocks_for(kFwdWarps * kWarpSize, kFwdTierWords<T, M, L, V, P, RESIDUAL>);
+        const int64_t blocks =
+            std::min<int64_t>(ceil_div(a.rows, kFwdWarps), static_cast<int64_t>(sm_count()) * per_sm);
+        mln_forward_tier_kernel<T, M, L, V, P, RESIDUAL>
+            <<<static_cast<unsigned>(blocks), kFwdWarps * kWarpSize, 0, stream>>>(a);
+      })) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t blocks = std::min<int64_t>(ceil_div(a.rows, kFwdWarps), static_cast<int64_t>(sm_count()) * 32);
   if (vec) {
     mln_forward_kernel<T, M, L, V, RESIDUAL>
         <<<static_cast<unsigned>(blocks), kFwdWarps * kWarpSize, 0, stream>>>(a);
@@ -236,7 +439,7 @@ struct BwdArgs {
   T* dx = nullptr;           // (rows, D) total grad of the LN input; null: not written
   L* dy = nullptr;           // (rows, D) gate * dx, branch dtype (written iff gate)
   void* ws = nullptr;        // (N, tiles, nq, D) acc_t<T> partial column sums
-  int64_t tokens = 0, tile_rows = 0;
+  int64_t tokens = 0, tile_rows = 0, samples = 0;
   int tiles = 1, dim = 0, nq = 0;  // nq = 2 * (dh != null) + (gate != null)
 };
 
@@ -386,35 +589,352 @@ __global__ void __launch_bounds__(kBwdThreads) mln_backward_kernel(BwdArgs<T, M,
   }
 
   acc* ws = reinterpret_cast<acc*>(a.ws) + (n * a.tiles + tile) * a.nq * dim;
-  for (int i = threadIdx.x; i < a.nq * dim; i += blockDim.x) ws[i] = col[i];
+  for (int i = threadIdx.x * VEC; i < a.nq * dim; i += blockDim.x * VEC)
+    store_pack<acc, VEC>(ws + i, *reinterpret_cast<const Pack<acc, VEC>*>(col + i));
 }
 
-// out_q[n, d] = sum over tiles (in order) of ws[n, tile, q, d], cast to M.
-template <typename acc, typename M>
-__global__ void mln_column_finalize_kernel(const acc* __restrict__ ws, M* out0, M* out1, M* out2, int64_t samples,
-                                           int tiles, int nq, int dim) {
-  const int64_t total = samples * nq * dim;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t d = i % dim;
-    const int64_t rest = i / dim;
-    const int q = static_cast<int>(rest % nq);
-    const int64_t n = rest / nq;
-    acc s = acc(0);
-    for (int t = 0; t < tiles; ++t) s += ws[((n * tiles + t) * nq + q) * dim + d];
-    M* out = q == 0 ? out0 : (q == 1 ? out1 : out2);
-    out[n * dim + d] = static_cast<M>(s);
+// ---- One-pass backward (the specialised tiers) ---------------------------------------------------
+// Which gradients a tier backward computes (its inputs follow):
+//   kBwdLn    modulated LN:   dh, xn -> dx; sums dh, dh * xhat
+//   kBwdGr    gated residual: dxn (= dout), y -> dy; sum dxn * y
+//   kBwdFused fused op:       dh, xn, dxn, y -> dx, dy; sums dh, dh * xhat, dx * y
+// Other combinations (a fused backward missing dh or dxn) take the generic kernel.
+constexpr int kBwdLn = 0, kBwdGr = 1, kBwdFused = 2;
+constexpr int kBwdRowWarps = 8;   // tier backward CTA: 8 warps, one row each at a time
+constexpr int kBwdItemRows = 64;  // rows of one sample per work item; fixed, so that the partition
+                                  // (and the result bits) depend on the shape only, not on the GPU
+
+// Registers (32-bit words) a tier backward keeps live per thread: the row's raw packs, PPL x VEC
+// wide, plus ~48 for the row's statistics, the modulation and the partial sums of a pack.
+template <typename T, typename L, int VEC, int PPL, int KIND>
+constexpr int kBwdTierWords =
+    48 + PPL * VEC *
+             ((KIND != kBwdGr ? static_cast<int>(sizeof(L) + sizeof(T)) : 0) +
+              (KIND != kBwdLn ? static_cast<int>(sizeof(T) + sizeof(L)) : 0)) / 4;
+
+template <int KIND>
+constexpr int kBwdSums = (KIND != kBwdGr ? 2 : 0) + (KIND != kBwdLn ? 1 : 0);
+
+// Shared memory of a tier backward: the (1 + scale) and gate rows, and each warp's column sums.
+template <typename T, int KIND>
+constexpr int64_t bwd_tier_smem(int64_t dim) {
+  return static_cast<int64_t>(sizeof(acc_t<T>)) * dim *
+         ((KIND != kBwdGr) + (KIND != kBwdLn) + kBwdSums<KIND> * kBwdRowWarps);
+}
+
+// One-pass backward in the style of Apex / TransformerEngine ln_bwd, specialised on PPL packs per
+// lane (RowTiers). A CTA works on items of kBwdItemRows rows of one sample (persistent grid: items
+// blockIdx.x, + gridDim.x, ...). Per item: the sample's (1 + scale) and gate rows go to shared
+// memory; each warp takes rows warp, warp + 8, ... of the item: all loads of the row in one trip,
+// the row statistics by warp shuffles, dx / dy from registers, and the per-sample column sums
+// accumulated in the warp's own slice of shared memory (each lane owns its columns there: no
+// sharing, no atomics). At the end of the item the 8 warps' sums are added in warp order and
+// written as one fp32 partial per item to the workspace (N, items per sample, nq, D);
+// mln_column_finalize_kernel adds the items in order. Fixed order everywhere, no atomics: bit-wise
+// deterministic, on any GPU.
+template <typename T, typename M, typename L, int VEC, int PPL, int KIND>
+__global__ void __launch_bounds__(kBwdRowWarps* kWarpSize,
+                                  min_blocks_for(kBwdRowWarps* kWarpSize, kBwdTierWords<T, L, VEC, PPL, KIND>))
+    mln_backward_tier_kernel(BwdArgs<T, M, L> a) {
+  using acc = acc_t<T>;
+  using PT = Pack<T, VEC>;
+  using PL = Pack<L, VEC>;
+  using PM = Pack<M, VEC>;
+  using PA = Pack<acc, VEC>;
+  constexpr bool kDh = KIND != kBwdGr;   // LN branch: dh, xn, mean, rstd, scale
+  constexpr bool kRes = KIND != kBwdLn;  // gated residual: dxn, y, gate
+  constexpr int kNq = kBwdSums<KIND>;
+  constexpr int kFull = full_packs<VEC, PPL>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int dim = a.dim;
+  acc* s_scale1 = reinterpret_cast<acc*>(smem_raw);  // (D,) 1 + scale[n]         [kDh]
+  acc* s_gate = s_scale1 + (kDh ? dim : 0);           // (D,) gate[n]              [kRes]
+  acc* s_sums = s_gate + (kRes ? dim : 0);            // (nq, 8 warps, D) column sums
+  const L* __restrict__ dh = a.dh;
+  const T* __restrict__ xn = a.xn;
+  const T* __restrict__ dxn = a.dxn;
+  const L* __restrict__ y = a.y;
+  T* __restrict__ dx = a.dx;
+  L* __restrict__ dy = a.dy;
+  acc* __restrict__ ws = reinterpret_cast<acc*>(a.ws);
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int nvec = dim / VEC;
+  const acc inv_dim = acc(1) / static_cast<acc>(dim);
+  const int64_t chunks = a.tiles;
+  const int64_t items = a.samples * chunks;
+  // This warp's column sums of quantity q, pack v.
+  auto sums = [&](int q, int v) -> PA& {
+    return *reinterpret_cast<PA*>(s_sums + (static_cast<int64_t>(q) * kBwdRowWarps + warp) * dim + v * VEC);
+  };
+
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t n = item / chunks;
+    const int64_t t_begin = (item % chunks) * kBwdItemRows;
+    const int64_t t_end = t_begin + kBwdItemRows < a.tokens ? t_begin + kBwdItemRows : a.tokens;
+    __syncthreads();  // the previous item is done with shared memory
+    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+      const int64_t c = static_cast<int64_t>(v) * VEC;
+      if constexpr (kDh) {
+        const PM sc = load_pack<M, VEC>(a.scale + n * a.scale_stride + c);
+        PA s;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s[e] = acc(1) + static_cast<acc>(sc[e]);
+        *reinterpret_cast<PA*>(s_scale1 + c) = s;
+      }
+      if constexpr (kRes) {
+        const PM gt = load_pack<M, VEC>(a.gate + n * a.gate_stride + c);
+        PA s;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s[e] = static_cast<acc>(gt[e]);
+        *reinterpret_cast<PA*>(s_gate + c) = s;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) {
+      const int v = i * kWarpSize + lane;
+      if (i < kFull || v < nvec) {
+#pragma unroll
+        for (int q = 0; q < kNq; ++q) sums(q, v) = PA{};
+      }
+    }
+    __syncthreads();
+
+    for (int64_t t = t_begin + warp; t < t_end; t += kBwdRowWarps) {
+      const int64_t row = n * a.tokens + t;
+      const int64_t base = row * dim;
+      // every load of the row
+      PL dhp[PPL], yp[PPL];
+      PT xp[PPL], dxp[PPL];
+      acc mu = 0, rs = 0;
+      if constexpr (kDh) {
+        mu = a.mean[row];
+        rs = a.rstd[row];
+      }
+#pragma unroll
+      for (int i = 0; i < PPL; ++i) {
+        // Lanes past D re-read the row's last pack (same sector as their neighbour's, and unused):
+        // an unconditional load joins the others in the row's single trip, a guarded one would not.
+        const int v = i * kWarpSize + lane;
+        const int64_t c = base + static_cast<int64_t>(i < kFull || v < nvec ? v : nvec - 1) * VEC;
+        if constexpr (kDh) {
+          dhp[i] = load_pack<L, VEC>(dh + c);
+          xp[i] = load_pack<T, VEC>(xn + c);
+        }
+        if constexpr (kRes) {
+          dxp[i] = load_pack<T, VEC>(dxn + c);
+          yp[i] = load_pack<L, VEC>(y + c);
+        }
+      }
+      // LN statistics of the row: mean(g), mean(g * xhat), g = dh * (1 + scale) (no stores in this
+      // pass: the row's loads stay ahead of everything else)
+      acc mg = 0, mgx = 0;
+      if constexpr (kDh) {
+        acc sg = 0, sgx = 0;
+#pragma unroll
+        for (int i = 0; i < PPL; ++i) {
+          if (i < kFull || i * kWarpSize + lane < nvec) {
+            const PA s1 = *reinterpret_cast<const PA*>(s_scale1 + (i * kWarpSize + lane) * VEC);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              const acc xhat = (static_cast<acc>(xp[i][e]) - mu) * rs;
+              const acc g = static_cast<acc>(dhp[i][e]) * s1[e];
+              sg += g;
+              sgx += g * xhat;
+            }
+          }
+        }
+        mg = warp_reduce_sum(sg) * inv_dim;
+        mgx = warp_reduce_sum(sgx) * inv_dim;
+      }
+      // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dxn;  dy = gate * dx;
+      // column sums of dh, dh * xhat and dx * y
+#pragma unroll
+      for (int i = 0; i < PPL; ++i) {
+        const int v = i * kWarpSize + lane;
+        if (i < kFull || v < nvec) {
+          const int64_t c = base + static_cast<int64_t>(v) * VEC;
+          acc tot[VEC];
+          if constexpr (kDh) {
+            const PA s1 = *reinterpret_cast<const PA*>(s_scale1 + v * VEC);
+            PA& c_sh = sums(0, v);
+            PA& c_sc = sums(1, v);
+            PA sh = c_sh, sc = c_sc;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              const acc d = static_cast<acc>(dhp[i][e]);
+              const acc xhat = (static_cast<acc>(xp[i][e]) - mu) * rs;
+              tot[e] = rs * (d * s1[e] - mg - xhat * mgx);
+              sh[e] += d;
+              sc[e] += d * xhat;
+            }
+            c_sh = sh;
+            c_sc = sc;
+          } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) tot[e] = acc(0);
+          }
+          if constexpr (kRes) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) tot[e] += static_cast<acc>(dxp[i][e]);
+          }
+          if constexpr (KIND != kBwdGr) {
+            PT w;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) w[e] = static_cast<T>(tot[e]);
+            store_pack<T, VEC>(dx + c, w);
+          }
+          if constexpr (kRes) {
+            const PA gt = *reinterpret_cast<const PA*>(s_gate + v * VEC);
+            PL w;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) w[e] = static_cast<L>(gt[e] * tot[e]);
+            store_pack<L, VEC>(dy + c, w);
+            if constexpr (KIND == kBwdFused) {
+              PA& c_g = sums(kNq - 1, v);
+              PA cg = c_g;
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) cg[e] += tot[e] * static_cast<acc>(yp[i][e]);
+              c_g = cg;
+            }
+          }
+        }
+      }
+      if constexpr (KIND == kBwdGr) {
+        // dx = dxn: the column sums of dxn * y, after the row's loads and stores (its shared-memory
+        // updates in the loop above would hold back the last pack's loads)
+#pragma unroll
+        for (int i = 0; i < PPL; ++i) {
+          const int v = i * kWarpSize + lane;
+          if (i < kFull || v < nvec) {
+            PA& c_g = sums(0, v);
+            PA cg = c_g;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) cg[e] += static_cast<acc>(dxp[i][e]) * static_cast<acc>(yp[i][e]);
+            c_g = cg;
+          }
+        }
+      }
+    }
+
+    // The item's column sums: the 8 warps' slices added in warp order, one fp32 partial per item.
+    __syncthreads();
+    acc* out = ws + item * kNq * dim;
+#pragma unroll
+    for (int q = 0; q < kNq; ++q) {
+      for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+        const acc* col = s_sums + static_cast<int64_t>(q) * kBwdRowWarps * dim + v * VEC;
+        PA total = *reinterpret_cast<const PA*>(col);
+#pragma unroll
+        for (int w = 1; w < kBwdRowWarps; ++w) {
+          const PA p = *reinterpret_cast<const PA*>(col + w * dim);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) total[e] += p[e];
+        }
+        store_pack<acc, VEC>(out + q * dim + static_cast<int64_t>(v) * VEC, total);
+      }
+    }
   }
 }
 
-// Runs the backward. `outs` are the nq (N, D) contiguous outputs in order
-// [sum dh, sum dh * xhat] (if dh) then [sum dxn_total * y] (if gate).
-template <typename T, typename M, typename L>
+// out_q[n, d] = sum over tiles (in order) of ws[n, tile, q, d], cast to M; CV columns per thread
+// (16-byte loads of the fp32 partials when D % CV == 0, else CV = 1).
+template <typename acc, typename M, int CV>
+__global__ void mln_column_finalize_kernel(const acc* __restrict__ ws, M* __restrict__ out0, M* __restrict__ out1,
+                                           M* __restrict__ out2, int64_t samples, int tiles, int nq, int dim) {
+  const int dv = dim / CV;
+  const int64_t total = samples * nq * dv;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = (i % dv) * CV;
+    const int64_t rest = i / dv;
+    const int q = static_cast<int>(rest % nq);
+    const int64_t n = rest / nq;
+    Pack<acc, CV> s;
+#pragma unroll
+    for (int e = 0; e < CV; ++e) s[e] = acc(0);
+    for (int t = 0; t < tiles; ++t) {
+      const Pack<acc, CV> p = load_pack<acc, CV>(ws + ((n * tiles + t) * nq + q) * dim + d);
+#pragma unroll
+      for (int e = 0; e < CV; ++e) s[e] += p[e];
+    }
+    Pack<M, CV> o;
+#pragma unroll
+    for (int e = 0; e < CV; ++e) o[e] = static_cast<M>(s[e]);
+    store_pack<M, CV>((q == 0 ? out0 : (q == 1 ? out1 : out2)) + n * dim + d, o);
+  }
+}
+
+// Adds the per-tile (per-item) partial column sums in order: outs[q][n, d] (M).
+template <typename T, typename M>
+void launch_column_finalize(const void* ws, std::array<M*, 3> outs, int64_t samples, int tiles, int nq, int dim) {
+  using acc = acc_t<T>;
+  constexpr int CV = 16 / static_cast<int>(sizeof(acc));  // the outputs are fresh, contiguous allocations
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](auto cv) {
+    constexpr int C = decltype(cv)::value;
+    const int64_t total = samples * nq * (dim / C);
+    const int64_t blocks = std::min<int64_t>(ceil_div(total, 256), static_cast<int64_t>(sm_count()) * 32);
+    mln_column_finalize_kernel<acc, M, C><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        reinterpret_cast<const acc*>(ws), outs[0], outs[1], outs[2], samples, tiles, nq, dim);
+  };
+  if (dim % CV == 0) {
+    run(std::integral_constant<int, CV>{});
+  } else {
+    run(std::integral_constant<int, 1>{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The tier backward of kind KIND when the arguments are that kind, the tensors allow 16-byte packs
+// and D is in a tier; false otherwise (the caller runs the generic kernel).
+template <int KIND, typename T, typename M, typename L>
+bool launch_mln_backward_tier(BwdArgs<T, M, L> a, int64_t samples, std::array<M*, 3> outs, const at::Tensor& like,
+                              bool vec) {
+  using acc = acc_t<T>;
+  constexpr int V = kVec16<T>;
+  const bool kind_ok = KIND == kBwdLn    ? (a.dh && !a.dxn && !a.gate && a.dx)
+                       : KIND == kBwdGr  ? (!a.dh && a.dxn && a.gate && !a.dx)
+                                         : (a.dh && a.dxn && a.gate && a.dx);
+  if (!vec || !kind_ok || std::is_same_v<acc, double>) return false;
+  const int64_t smem = bwd_tier_smem<T, KIND>(a.dim);
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  if (smem > static_cast<int64_t>(props->sharedMemPerBlockOptin)) return false;
+  return with_row_tier<V>(a.dim / V, [&](auto ppl) {
+    constexpr int P = decltype(ppl)::value;
+    auto kernel = mln_backward_tier_kernel<T, M, L, V, P, KIND>;
+    const int64_t chunks = ceil_div(a.tokens, static_cast<int64_t>(kBwdItemRows));
+    a.tiles = static_cast<int>(chunks);
+    a.samples = samples;
+    TORCH_CHECK(samples * chunks <= INT_MAX, "dit_kernels: too many rows for the backward (N = ", samples, ")");
+    auto ws = at::empty({samples * chunks * a.nq * a.dim},
+                        like.options().dtype(std::is_same_v<acc, double> ? at::kDouble : at::kFloat));
+    a.ws = ws.data_ptr();
+    if (smem > kDefaultSmem) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    // Persistent grid: the CTAs that fit on the GPU at once (launch bounds, shared memory).
+    constexpr int by_regs = min_blocks_for(kBwdRowWarps * kWarpSize, kBwdTierWords<T, L, V, P, KIND>);
+    const int by_smem = static_cast<int>(std::max<int64_t>(1, (228 * 1024) / (smem + 1024)));
+    const int64_t grid = std::min<int64_t>(samples * chunks, static_cast<int64_t>(sm_count()) * std::min(by_regs, by_smem));
+    auto stream = at::cuda::getCurrentCUDAStream();
+    kernel<<<static_cast<unsigned>(grid), kBwdRowWarps * kWarpSize, static_cast<size_t>(smem), stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_column_finalize<T, M>(a.ws, outs, samples, a.tiles, a.nq, a.dim);
+  });
+}
+
+template <int KIND, typename T, typename M, typename L>
 void launch_mln_backward(BwdArgs<T, M, L> a, int64_t samples, std::array<M*, 3> outs, const at::Tensor& like) {
   using acc = acc_t<T>;
   constexpr int V = kVec16<T>;
   TORCH_INTERNAL_ASSERT(a.nq == 2 * (a.dh != nullptr) + (a.gate != nullptr));
   TORCH_INTERNAL_ASSERT(a.nq >= 1 && samples >= 1 && a.tokens >= 1 && a.dim >= 1);
+  const bool vec = a.dim % V == 0 && pack_ok<L, V>(a.dh, a.dim) && pack_ok<T, V>(a.dxn, a.dim) &&
+                   pack_ok<T, V>(a.xn, a.dim) && pack_ok<L, V>(a.y, a.dim) && pack_ok<T, V>(a.dx, a.dim) &&
+                   pack_ok<L, V>(a.dy, a.dim) && pack_ok<M, V>(a.scale, a.scale_stride) &&
+                   pack_ok<M, V>(a.gate, a.gate_stride);
+  if (launch_mln_backward_tier<KIND>(a, samples, outs, like, vec)) return;
   // Token tiles per sample: enough CTAs to fill the GPU, few enough to keep the workspace small.
   const int64_t max_tiles = ceil_div(a.tokens, kBwdSub);
   int64_t tiles = std::min<int64_t>(max_tiles, std::max<int64_t>(1, ceil_div(static_cast<int64_t>(sm_count()) * 8, samples)));
@@ -427,10 +947,6 @@ void launch_mln_backward(BwdArgs<T, M, L> a, int64_t samples, std::array<M*, 3> 
                       like.options().dtype(std::is_same_v<acc, double> ? at::kDouble : at::kFloat));
   a.ws = ws.data_ptr();
 
-  const bool vec = a.dim % V == 0 && pack_ok<L, V>(a.dh, a.dim) && pack_ok<T, V>(a.dxn, a.dim) &&
-                   pack_ok<T, V>(a.xn, a.dim) && pack_ok<L, V>(a.y, a.dim) && pack_ok<T, V>(a.dx, a.dim) &&
-                   pack_ok<L, V>(a.dy, a.dim) && pack_ok<M, V>(a.scale, a.scale_stride) &&
-                   pack_ok<M, V>(a.gate, a.gate_stride);
   const int64_t smem = static_cast<int64_t>(a.nq) * a.dim * static_cast<int64_t>(sizeof(acc));
   auto kernel = vec ? mln_backward_kernel<T, M, L, V> : mln_backward_kernel<T, M, L, 1>;
   // Without opt-in a launch may use 48 KB of static + dynamic shared memory together (the default
@@ -446,12 +962,7 @@ void launch_mln_backward(BwdArgs<T, M, L> a, int64_t samples, std::array<M*, 3> 
   auto stream = at::cuda::getCurrentCUDAStream();
   kernel<<<static_cast<unsigned>(samples * tiles), kBwdThreads, static_cast<size_t>(smem), stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  const int64_t total = samples * a.nq * a.dim;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, 256), static_cast<int64_t>(sm_count()) * 32);
-  mln_column_finalize_kernel<acc, M><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      reinterpret_cast<const acc*>(a.ws), outs[0], outs[1], outs[2], samples, a.tiles, a.nq, a.dim);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_column_finalize<T, M>(a.ws, outs, samples, a.tiles, a.nq, a.dim);
 }
 
 // ------------------------------------------------------------------------------------------

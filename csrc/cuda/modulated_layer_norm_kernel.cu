@@ -16,11 +16,13 @@
 //   forward  - one warp per row, 4 rows per CTA, grid-stride over the N*T rows; the row stays in
 //              registers (16-byte packs when D and the pointers allow, scalar otherwise) for the
 //              two-pass fp32 (fp64 for double) statistics; shift/scale rows are read through __ldg
-//              (L1/L2-resident: each sample's rows are reused by its T tokens).
-//   backward - one CTA per (sample, token tile); per 8-row sub-tile a warp per row computes the
-//              row sums, then threads own column packs, write dx and accumulate dshift/dscale in
-//              shared memory; fp32 per-tile partials go to a workspace and a second kernel sums the
-//              tiles in a fixed order (deterministic, no atomics).
+//              (L1/L2-resident: each sample's rows are reused by its T tokens). For the DiT widths
+//              the tier kernel issues the row's x, shift and scale loads together (one trip per row).
+//   backward - tier (DiT widths): one pass, a warp per row with the row in registers, per-warp
+//              column sums in shared memory, persistent CTAs over (sample, 64-row) items; generic:
+//              one CTA per (sample, token tile) in 8-row sub-tiles. Either way fp32 per-item/tile
+//              partials go to a workspace and a second kernel sums them in a fixed order
+//              (deterministic, no atomics).
 //
 // Memory-traffic floor at DiT-XL/2 training shape (N = 256, T = 256, D = 1152, bf16):
 //   one (N, T, D) pass = 151.0 MB.  forward: read x + write y = 302 MB (+ 0.5 MB mean/rstd,
@@ -135,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_layer_norm_backward_cud
     a.tokens = T;
     a.dim = static_cast<int>(D);
     a.nq = 2;
-    dit::launch_mln_backward<scalar_t, mod_t, branch_t>(
+    dit::launch_mln_backward<dit::kBwdLn, scalar_t, mod_t, branch_t>(
         a, N, {dshift.data_ptr<mod_t>(), dscale.data_ptr<mod_t>(), nullptr}, xc);
   });
   return {dx, dshift, dscale};

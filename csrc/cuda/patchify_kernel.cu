@@ -6,8 +6,14 @@
 //   output layout (unpatchify, _unpatchify_backward): y[n, tau, (a*p + b)*C_all + c] = img[n, c, i*p + a, j*p + b]
 //   unpatchify keeps channels c < C <= C_all; its backward writes zeros for c >= C.
 //
-// Parallelisation: one thread per OUTPUT element with a grid-stride loop, so writes are fully
-// coalesced; reads gather p-element runs (conv layout) or C_all-strided words (output layout)
+// Parallelisation (fast path, patch_rows_kernel): a CTA transposes whole token rows (the w tokens
+// of one patch row and the p image rows they come from) through shared memory: 16-byte vector
+// loads of the source side, kPatchBatch in flight per thread, then 16-byte vector stores of the
+// destination side gathered from shared memory with a per-feature offset table (index arithmetic
+// once per vector). Taken when p*W, W and p*p*C_feat are multiples of the 16-byte vector and the
+// tensors are 16-byte aligned (both benchmark shapes, every DiT shape).
+// Generic path (any shape): one thread per OUTPUT element with a grid-stride loop, so writes are
+// fully coalesced; reads gather p-element runs (conv layout) or C_all-strided words (output layout)
 // that neighbouring threads/warps complete in L1/L2. 32-bit index math whenever the tensor has
 // < 2^30 elements (64-bit otherwise).  Two kernels (image -> tokens, tokens -> image) x two
 // feature layouts x three word sizes x two index types.
@@ -22,7 +28,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common.h"
 #include "cuda_utils.cuh"
@@ -88,6 +97,148 @@ __global__ void __launch_bounds__(kPatchThreads)
   }
 }
 
+// ---- Token-row transpose through shared memory (the fast path) -----------------------------------
+// Unit: a token row r = (n, i), i.e. the w tokens [r*w, r*w + w). Its image side is C_img channel
+// segments of p image rows (p*W contiguous elements each, at ((n*C_img + c)*H + i*p)*W); its token
+// side is one contiguous block of w*F elements (F = p*p*C_feat), and consecutive token rows are
+// consecutive blocks. A CTA takes R token rows: (1) it copies the source side into shared memory
+// with 16-byte vectors, kPatchBatch per thread in flight before their shared-memory stores; (2) it
+// writes the destination side with 16-byte vectors, gathering each vector's elements from shared
+// memory through a per-feature offset table built once per CTA. Index arithmetic: once per vector
+// (the table holds the rest). Needs p*W, W and F to be multiples of VEC = 16 / sizeof(E), 16-byte
+// aligned tensors and R rows of source side in shared memory; the element kernels above do the rest.
+constexpr int kPatchBatch = 4;  // 16-byte vectors per thread loaded before they are stored
+
+struct PatchRows {
+  int64_t rows;    // token rows N * h
+  int64_t h;       // token rows per sample
+  int64_t w, p, c_img, c_feat, width;  // tokens per row, patch, image / token channels, image width W
+  int64_t r_batch;  // token rows per CTA
+};
+
+// RUNS: p % VEC == 0 (a 16-byte vector never leaves one run of a patch row). Resident CTAs: 8 (32
+// registers; at the pixel shape 1024 CTAs of one token row fill 132 x 8 slots in one wave), 6 for the
+// output-layout gather into the image (40 registers; 32 spill).
+template <typename E, bool TO_TOKENS, bool CONV, bool RUNS>
+__global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
+    patch_rows_kernel(const E* __restrict__ src, E* __restrict__ dst, PatchRows g) {
+  using W16 = uint4;
+  constexpr int VEC = 16 / static_cast<int>(sizeof(E));
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Offsets inside one CTA's token rows fit in 32 bits (they index shared memory); global offsets
+  // are formed in 64 bits.
+  const int p = static_cast<int>(g.p), width = static_cast<int>(g.width), c_img = static_cast<int>(g.c_img),
+            c_feat = static_cast<int>(g.c_feat);
+  const int pp = p * p;
+  const int F = pp * c_feat;         // features per token
+  const int seg = p * width;         // elements of one channel segment (p image rows)
+  const int img_row = c_img * seg;   // image side of one token row
+  const int tok_row = static_cast<int>(g.w) * F;  // token side of one token row
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * g.r_batch;
+  const int nr = static_cast<int>(g.rows - r0 < g.r_batch ? g.rows - r0 : g.r_batch);
+  // table: TO_TOKENS: feature f -> offset (c*p + a)*W + b of its element in the image side (-1: c >= c_img)
+  //        else:      image element (c, a, b) -> its feature index
+  const int table_len = TO_TOKENS ? F : c_img * pp;
+  const int segs = nr * c_img;  // image-side segments of this CTA
+  int* table = reinterpret_cast<int*>(smem_raw);
+  int64_t* seg_base = reinterpret_cast<int64_t*>(smem_raw + ((table_len * 4 + 15) / 16) * 16);
+  E* data = reinterpret_cast<E*>(reinterpret_cast<unsigned char*>(seg_base) + ((g.r_batch * c_img * 8 + 15) / 16) * 16);
+  for (int k = threadIdx.x; k < segs; k += blockDim.x) {  // global offset of image-side segment (rr, c)
+    const int64_t r = r0 + k / c_img, n = r / g.h, i = r % g.h;
+    seg_base[k] = ((n * c_img + k % c_img) * g.h * p + i * p) * width;
+  }
+  for (int k = threadIdx.x; k < table_len; k += blockDim.x) {
+    if (TO_TOKENS) {
+      const int c = CONV ? k / pp : k % c_feat;
+      const int ab = CONV ? k % pp : k / c_feat;
+      table[k] = c < c_img ? (c * p + ab / p) * width + ab % p : -1;
+    } else {
+      const int c = k / pp, a = (k / p) % p, b = k % p;
+      table[k] = CONV ? k : (a * p + b) * c_feat + c;
+    }
+  }
+  if (TO_TOKENS) __syncthreads();  // seg_base is read below
+
+  // (1) source side -> shared memory
+  const int src_vecs = nr * (TO_TOKENS ? img_row : tok_row) / VEC;
+  for (int u0 = threadIdx.x; u0 < src_vecs; u0 += blockDim.x * kPatchBatch) {
+    W16 v[kPatchBatch];
+#pragma unroll
+    for (int k = 0; k < kPatchBatch; ++k) {
+      const int u = u0 + k * blockDim.x;
+      if (u < src_vecs) {
+        const int e = u * VEC;
+        const int64_t off = TO_TOKENS ? seg_base[e / seg] + e % seg
+                                      : r0 * tok_row + e;  // the token rows are one contiguous block
+        v[k] = __ldg(reinterpret_cast<const W16*>(src + off));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kPatchBatch; ++k) {
+      const int u = u0 + k * blockDim.x;
+      if (u < src_vecs) *reinterpret_cast<W16*>(data + u * VEC) = v[k];
+    }
+  }
+  __syncthreads();
+
+  // (2) destination side, one 16-byte vector per step
+  const int dst_vecs = nr * (TO_TOKENS ? tok_row : img_row) / VEC;
+  for (int u = threadIdx.x; u < dst_vecs; u += blockDim.x) {
+    const int e = u * VEC;
+    union {
+      W16 word;
+      E el[VEC];
+    } out;
+    int64_t off;
+    // With RUNS a vector never leaves one run of a patch row (one token, one (c, a)): in the conv
+    // layout its elements are contiguous on both sides (one 16-byte shared-memory read), in the
+    // output layout they are C_feat apart in the token.
+    constexpr bool runs = RUNS;
+    if (TO_TOKENS) {  // element e = (rr, j, f) of the token block; F % VEC == 0: one token per vector
+      const int rr = e / tok_row, rem = e % tok_row;
+      const int j = rem / F, f = rem % F;
+      const E* row = data + rr * img_row + j * p;
+      if constexpr (CONV && runs) {
+        out.word = *reinterpret_cast<const W16*>(row + table[f]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const int t = table[f + k];
+          out.el[k] = t >= 0 ? row[t] : E(0);
+        }
+      }
+      off = r0 * tok_row + e;
+    } else {  // element e = (rr, c, a, x) of the image side; W % VEC == 0: one image row per vector
+      const int s_idx = e / seg, q = e % seg;
+      const int rr = s_idx / c_img, c = s_idx % c_img;
+      const int a = q / width, x = q % width;
+      int j = x / p, b = x % p;
+      const E* tok = data + rr * tok_row;
+      const int* tab = table + (c * p + a) * p;
+      if constexpr (runs) {
+        const E* first = tok + j * F + tab[b];
+        if constexpr (CONV) {
+          out.word = *reinterpret_cast<const W16*>(first);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) out.el[k] = first[k * c_feat];
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          out.el[k] = tok[j * F + tab[b]];
+          if (++b == p) {
+            b = 0;
+            ++j;
+          }
+        }
+      }
+      off = seg_base[s_idx] + q;
+    }
+    *reinterpret_cast<W16*>(dst + off) = out.word;
+  }
+}
+
 template <typename E, typename I, bool TO_TOKENS, bool CONV>
 void launch_typed(const void* src, void* dst, int64_t total, const PatchGeom& g) {
   const int64_t blocks = std::min<int64_t>(dit::ceil_div(total, kPatchThreads), static_cast<int64_t>(dit::sm_count()) * 32);
@@ -106,6 +257,44 @@ void launch_typed(const void* src, void* dst, int64_t total, const PatchGeom& g)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The token-row transpose when the shapes and pointers allow it (see patch_rows_kernel); false otherwise.
+template <typename E, bool TO_TOKENS, bool CONV>
+bool launch_rows(const void* src, void* dst, const PatchGeom& g) {
+  constexpr int64_t VEC = 16 / static_cast<int64_t>(sizeof(E));
+  const int64_t F = g.p * g.p * g.c_feat;
+  if ((g.p * g.width) % VEC != 0 || g.width % VEC != 0 || F % VEC != 0 || !dit::is_aligned(src, 16) ||
+      !dit::is_aligned(dst, 16))
+    return false;
+  const int64_t h = g.height / g.p;
+  const int64_t rows = g.n * h;
+  const int64_t row_bytes = (TO_TOKENS ? g.c_img : g.c_feat) * g.p * g.width * static_cast<int64_t>(sizeof(E));
+  const int64_t table_bytes = dit::ceil_div((TO_TOKENS ? F : g.c_img * g.p * g.p) * 4, int64_t(16)) * 16;
+  const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  if (table_bytes + 16 * g.c_img + row_bytes > optin) return false;
+  // Token rows per CTA: up to ~32 KB of source side, while leaving >= 8 CTAs per SM of work.
+  const int64_t r_batch = std::max<int64_t>(
+      1, std::min<int64_t>((32 * 1024) / row_bytes, dit::ceil_div(rows, static_cast<int64_t>(dit::sm_count()) * 8)));
+  const int64_t smem = table_bytes + dit::ceil_div(r_batch * g.c_img * 8, int64_t(16)) * 16 + r_batch * row_bytes;
+  // In-CTA offsets are 32-bit: the larger side of r_batch token rows must fit.
+  if (r_batch * std::max(g.c_img, g.c_feat) * g.p * g.width >= (int64_t(1) << 31)) return false;
+  const PatchRows rg{rows, h, g.w, g.p, g.c_img, g.c_feat, g.width, r_batch};
+  auto launch = [&](auto runs) {
+    auto kernel = patch_rows_kernel<E, TO_TOKENS, CONV, decltype(runs)::value>;
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    kernel<<<static_cast<unsigned>(dit::ceil_div(rows, r_batch)), kPatchThreads, static_cast<size_t>(smem),
+             at::cuda::getCurrentCUDAStream()>>>(static_cast<const E*>(src), static_cast<E*>(dst), rg);
+  };
+  if (g.p % VEC == 0) {
+    launch(std::true_type{});
+  } else {
+    launch(std::false_type{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 // Copies src -> dst (both contiguous, same dtype) with the permutation; `dst` decides the element count.
 template <bool TO_TOKENS, bool CONV>
 void launch_permute(const at::Tensor& src, at::Tensor& dst, const PatchGeom& g) {
@@ -118,6 +307,7 @@ void launch_permute(const at::Tensor& src, at::Tensor& dst, const PatchGeom& g) 
   void* d = dst.data_ptr();
   auto run = [&](auto word) {
     using E = decltype(word);
+    if (launch_rows<E, TO_TOKENS, CONV>(s, d, g)) return;
     if (small) {
       launch_typed<E, int32_t, TO_TOKENS, CONV>(s, d, total, g);
     } else {

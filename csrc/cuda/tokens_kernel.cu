@@ -58,7 +58,8 @@ using namespace dit_kernels_tokens;
 
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;  // warps per CTA in the row kernels, one output row each
-constexpr int kUnroll = 4;        // vectors in flight per lane
+constexpr int kUnroll = 4;        // vectors in flight per lane (d_fill partials)
+constexpr int kRowVecs = 8;       // vectors in flight per lane in copy_row (rows up to 256 vectors)
 constexpr int kTileRows = 128;    // rows per d_fill partial (fixed: determinism across devices)
 constexpr int kTileWarps = 8;
 
@@ -100,18 +101,21 @@ __device__ __forceinline__ Vec<T, V> zero_vec() {
   return r;
 }
 
-// One warp copies a row of Dv vectors (with dtype conversion when To != From).
+// One warp copies a row of Dv vectors (with dtype conversion when To != From): kRowVecs vectors per
+// lane loaded before any is stored (a 1152-wide bf16 row, 144 vectors, is one batch: one memory
+// trip). Lanes past the row re-read its last vector instead of skipping the load: unconditional
+// loads are issued together, guarded ones one trip each.
 template <int V, typename To, typename From>
 __device__ __forceinline__ void copy_row(To* __restrict__ dst, const From* __restrict__ src, int64_t Dv, int lane) {
-  for (int64_t c0 = lane; c0 < Dv; c0 += kWarp * kUnroll) {
-    Vec<From, V> v[kUnroll];
+  for (int64_t c0 = lane; c0 < Dv; c0 += kWarp * kRowVecs) {
+    Vec<From, V> v[kRowVecs];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kRowVecs; ++u) {
       const int64_t c = c0 + u * kWarp;
-      if (c < Dv) v[u] = load_vec<From, V>(src + c * V);
+      v[u] = load_vec<From, V>(src + (c < Dv ? c : Dv - 1) * V);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kRowVecs; ++u) {
       const int64_t c = c0 + u * kWarp;
       if (c < Dv) store_vec<To, V>(dst + c * V, convert<To, From, V>(v[u]));
     }
@@ -227,19 +231,21 @@ __global__ void scatter_bwd_fill_partial_kernel(const T* __restrict__ grad, int6
     int64_t rr[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
+      // Rows past the tensor and columns past D load the last row / column instead (unused):
+      // unconditional loads are issued together, one memory trip for the kUnroll rows.
+      // 32-bit division (rows < 2^31, checked on the host): a 64-bit one is a call, and a call waits
+      // for the loads already issued.
       rr[u] = r0 + warp + static_cast<int64_t>(s0 + u) * kTileWarps;
-      slot[u] = -2;  // row outside the tensor
-      if (rr[u] < rows) {
-        const int64_t n = rr[u] / Tlen, t = rr[u] - n * Tlen;
-        slot[u] = inv[rr[u]];
-        if (col_ok) v[u] = load_vec<T, V>(grad + n * gN + t * gT + c * V);
-      }
+      const int32_t r = static_cast<int32_t>(rr[u] < rows ? rr[u] : rows - 1);
+      const int32_t n = r / static_cast<int32_t>(Tlen), t = r - n * static_cast<int32_t>(Tlen);
+      slot[u] = rr[u] < rows ? inv[r] : -2;  // -2: row outside the tensor
+      v[u] = load_vec<T, V>(grad + n * gN + t * gT + (col_ok ? c : Dv - 1) * V);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (slot[u] == -2 || !col_ok) continue;
       if (slot[u] >= 0) {
-        const int64_t n = rr[u] / Tlen;
+        const int64_t n = static_cast<int32_t>(rr[u]) / static_cast<int32_t>(Tlen);
         store_vec<T, V>(dkept + ((n * K + slot[u]) * Dv + c) * V, v[u]);
       } else {
 #pragma unroll
@@ -456,6 +462,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_tokens_backward_cuda(const at::Tensor
       return;
     }
     using acc = acc_t<scalar_t>;
+    TORCH_CHECK(rows < INT32_MAX, "scatter_tokens backward: N * T = ", rows, " rows exceed the 32-bit row index");
     dfill = at::empty({D}, opts.dtype(fill_dtype));
     const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
     auto partial = at::empty({tiles, D}, opts.dtype(std::is_same_v<acc, double> ? at::kDouble : at::kFloat));
