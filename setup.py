@@ -84,15 +84,16 @@ def _cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildExtensionWithStamp(BuildExtension.with_options(use_ninja=True)):
-        """Writes _C.build.json beside the library: the torch it was built against, so that import can
-        tell a stale library (another torch) from a good one before loading it."""
+        """Writes _C.build.json beside the library: the torch and the sources it was built from, so that
+        import can tell a stale library (another torch, edited sources) from a good one before loading it."""
 
         def run(self):
             super().run()
             for ext in self.extensions:
                 path = self.get_ext_fullpath(ext.name)
                 with open(os.path.join(os.path.dirname(path), "_C.build.json"), "w") as f:
-                    json.dump({"torch": torch.__version__, "cuda": any(s.endswith(".cu") for s in ext.sources)}, f)
+                    json.dump({"torch": torch.__version__, "cuda": any(s.endswith(".cu") for s in ext.sources),
+                               "sources": _build_helpers().sources_digest()}, f)
 
     cmds["build_ext"] = BuildExtensionWithStamp
     return cmds

@@ -150,20 +150,25 @@ def add_wheel_cuda_headers_to_cpath():
 
 # ---- build on first import -----------------------------------------------------------------------
 
-def jit_cache_dir(cuda):
-    """Per torch build, Python and source contents: another torch or edited sources get their own build."""
-    import torch
-
-    csrc = csrc_dir()
+def sources_digest(csrc=None):
+    """A short hash of every C++/CUDA source and header: a library built from other sources is stale."""
+    csrc = csrc or csrc_dir()
     digest = hashlib.sha256()
     for path in sources(csrc, True) + sorted(glob.glob(os.path.join(csrc, "**", "*.h*"), recursive=True)):
         digest.update(os.path.relpath(path, csrc).encode())
         with open(path, "rb") as f:
             digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+def jit_cache_dir(cuda):
+    """Per torch build, Python and source contents: another torch or edited sources get their own build."""
+    import torch
+
     root = os.environ.get("DIT_KERNELS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dit_kernels")
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if cuda else 'cpu'}"
-    return os.path.join(root, f"{tag}-{digest.hexdigest()[:12]}".replace("+", "_"))
+    return os.path.join(root, f"{tag}-{sources_digest()}".replace("+", "_"))
 
 
 def build_jit(verbose=True):

@@ -17,12 +17,12 @@ EXT_NOTES = []  # what was tried before the library that loaded, and why it was 
 
 
 def _prebuilt_stamp():
-    """The torch version a prebuilt _C was compiled against (setup.py writes _C.build.json), or None."""
+    """What a prebuilt _C was compiled from (setup.py writes _C.build.json): {"torch", "sources"}, or {}."""
     try:
         with open(os.path.join(_build.PACKAGE_DIR, "_C.build.json")) as f:
-            return json.load(f).get("torch")
+            return json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def _prebuilt_exists():
@@ -32,8 +32,11 @@ def _prebuilt_exists():
 
 def _load_prebuilt():
     stamp = _prebuilt_stamp()
-    if stamp is not None and stamp != torch.__version__:
-        raise ImportError(f"prebuilt library was compiled against torch {stamp}, this is torch {torch.__version__}")
+    if stamp.get("torch", torch.__version__) != torch.__version__:
+        raise ImportError(f"prebuilt library was compiled against torch {stamp['torch']}, this is torch {torch.__version__}")
+    if _build.csrc_dir() and stamp.get("sources", _build.sources_digest()) != _build.sources_digest():
+        raise ImportError("prebuilt library was compiled from other sources than csrc/ holds now (rebuild with "
+                          "`python setup.py build_ext --inplace`, or let import compile them)")
     from . import _C  # importing runs the TORCH_LIBRARY registrars
 
     return _C.__file__

@@ -61,8 +61,13 @@ def test_extension_is_loaded():
 def test_library_of_another_torch_is_not_loaded(monkeypatch):
     from dit_kernels import _ext
 
-    monkeypatch.setattr(_ext, "_prebuilt_stamp", lambda: "0.0.0")
+    monkeypatch.setattr(_ext, "_prebuilt_stamp", lambda: {"torch": "0.0.0"})
     with pytest.raises(ImportError, match="compiled against torch 0.0.0"):
+        _ext._load_prebuilt()
+    import torch
+
+    monkeypatch.setattr(_ext, "_prebuilt_stamp", lambda: {"torch": torch.__version__, "sources": "000000000000"})
+    with pytest.raises(ImportError, match="other sources"):
         _ext._load_prebuilt()
 
 
