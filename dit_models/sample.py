@@ -9,7 +9,9 @@
 Samplers per method (defaults as published): ddpm: "ddpm" (250 respaced ancestral steps) or "ddim" (eta 0);
 sit: "ode" (dopri5 with torchdiffeq, else built-in heun; 250 steps) or "sde" (Euler-Maruyama, diffusion form
 "sigma", last step "Mean" 0.04, 250 steps); maskdit / sddit: "edm" (Heun, 40 steps = 79 NFE, sigma in
-[0.002, 80], rho 7, S_churn 0). Guidance: --cfg-scale (1 = off) on all channels of eps / velocity / F by
+[0.002, 80], rho 7, S_churn 0). Every method also has "dpm++": DPM-Solver++ multistep (dit_models/multistep.py),
+one network evaluation per step, 20 steps unless --num-sampling-steps says otherwise (--solver-order 1/2/3,
+--time-spacing logSNR|karras|time_uniform for ddpm and sit; EDM uses its own sigma grid). Guidance: --cfg-scale (1 = off) on all channels of eps / velocity / F by
 default; --guided-channels 3 reproduces the public DiT/SiT 3-channel guidance (needed for FID 2.27 / 2.06).
 """
 import argparse
@@ -20,7 +22,10 @@ import torch
 
 from dit_models import utils
 
-SAMPLERS = {"ddpm": ("ddpm", "ddim"), "sit": ("ode", "sde"), "maskdit": ("edm",), "sddit": ("edm",)}
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm++"), "sit": ("ode", "sde", "dpm++"), "maskdit": ("edm", "dpm++"),
+            "sddit": ("edm", "dpm++")}
+DPM_DEFAULTS = {"num_sampling_steps": 20, "solver_order": 2,
+                "time_spacing": {"ddpm": "logSNR", "sit": "time_uniform", "maskdit": None, "sddit": None}}
 IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT sample.py
 
 
@@ -58,8 +63,12 @@ def sampler_defaults(method, fast=True):
 def add_sampler_args(parser):
     """Sampler flags shared by sample, sample_ddp and evaluate (None = the method's default)."""
     g = parser.add_argument_group("sampler")
-    g.add_argument("--sampler", default=None, help="ddpm|ddim (ddpm), ode|sde (sit), edm (maskdit, sddit)")
-    g.add_argument("--num-sampling-steps", type=int, default=None, help="ddpm 250, sit 250, edm 40")
+    g.add_argument("--sampler", default=None,
+                   help="ddpm|ddim (ddpm), ode|sde (sit), edm (maskdit, sddit); dpm++ (every method: DPM-Solver++)")
+    g.add_argument("--num-sampling-steps", type=int, default=None, help="ddpm 250, sit 250, edm 40, dpm++ 20 (= NFE)")
+    g.add_argument("--solver-order", type=int, default=None, choices=[1, 2, 3], help="dpm++: 2 (2M) or 3 (3M)")
+    g.add_argument("--time-spacing", default=None, choices=["logSNR", "karras", "time_uniform"],
+                   help="dpm++ grid for ddpm (logSNR) and sit (time_uniform)")
     g.add_argument("--ddim-eta", type=float, default=None, help="ddim: eta (0 = deterministic)")
     g.add_argument("--sampling-method", default=None,
                    help="sit ode: dopri5 (torchdiffeq) | euler | heun | midpoint | rk4; sit sde: Euler | Heun")
@@ -92,6 +101,11 @@ def sampler_opts_from_args(args, method, fast=False):
         opts["last_step"] = None if args.last_step.lower() == "none" else args.last_step
     if opts["sampler"] not in SAMPLERS[method]:
         raise ValueError(f"--sampler {opts['sampler']} does not apply to --method {method}; choose from {SAMPLERS[method]}")
+    if opts["sampler"] == "dpm++":
+        if getattr(args, "num_sampling_steps", None) is None:
+            opts["num_sampling_steps"] = DPM_DEFAULTS["num_sampling_steps"]
+        opts["solver_order"] = getattr(args, "solver_order", None) or DPM_DEFAULTS["solver_order"]
+        opts["time_spacing"] = getattr(args, "time_spacing", None) or DPM_DEFAULTS["time_spacing"][method]
     if method == "sit" and "sampler" in opts and opts["sampler"] == "sde" and getattr(args, "sampling_method", None) is None:
         opts["sampling_method"] = "Euler"
     opts["guided_channels"] = getattr(args, "guided_channels", None)
@@ -185,7 +199,7 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
     if method == "ddpm":
         from dit_models.diffusion import create_diffusion
 
-        respacing = str(steps)
+        respacing = "" if kind == "dpm++" else str(steps)  # DPM-Solver++ runs on the base schedule
         diffusion = create_diffusion(respacing, noise_schedule=_margs(method_args, "noise_schedule", "linear"),
                                      learn_sigma=getattr(model, "learn_sigma", True),
                                      diffusion_steps=_margs(method_args, "diffusion_steps", 1000))
@@ -198,6 +212,9 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
         if cuda_graph:
             net = _GraphedNet(net)
         kw = dict(noise=z, clip_denoised=False, model_kwargs=dict(y=y), device=z.device, generator=dev_gen)
+        if kind == "dpm++":
+            return diffusion.dpm_solver_sample_loop(net, z.shape, num_steps=steps, order=int(opts.get("solver_order", 2)),
+                                                    time_spacing=opts.get("time_spacing") or "logSNR", **kw)
         if kind == "ddim":
             return diffusion.ddim_sample_loop(net, z.shape, eta=float(opts.get("ddim_eta") or 0.0), **kw)
         return diffusion.p_sample_loop(net, z.shape, **kw)
@@ -209,14 +226,17 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
                                      _margs(method_args, "sample_eps", None))
         sampler = Sampler(transport)
         common = dict(cfg_scale=cfg_scale, guided_channels=gch, cuda_graph=cuda_graph)
-        if kind == "sde":
+        if kind == "dpm++":
+            fn = sampler.sample_dpm_solver(steps, int(opts.get("solver_order", 2)),
+                                           opts.get("time_spacing") or "time_uniform", **common)
+        elif kind == "sde":
             fn = sampler.sample_sde(opts.get("sampling_method", "Euler"), opts["diffusion_form"], opts["diffusion_norm"],
                                     opts["last_step"], opts["last_step_size"], steps, generator=dev_gen, **common)
         else:
             fn = sampler.sample_ode(opts.get("sampling_method", "heun"), steps, opts["atol"], opts["rtol"], **common)
         return fn(z, model.forward, y=y)[-1]
     if method in ("maskdit", "sddit"):
-        from dit_models.edm import edm_sampler
+        from dit_models.edm import edm_dpm_solver_sampler, edm_sampler
 
         net = model
         if cuda_graph:
@@ -230,6 +250,10 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
                     return graphed(x, sigma, class_labels, s)
 
             net = _Net()
+        if kind == "dpm++":
+            return edm_dpm_solver_sampler(net, z, class_labels=y, cfg_scale=cfg_scale, num_steps=steps,
+                                          sigma_min=opts["sigma_min"], sigma_max=opts["sigma_max"], rho=opts["rho"],
+                                          order=int(opts.get("solver_order", 2))).float()
         x = edm_sampler(net, z, class_labels=y, cfg_scale=cfg_scale, num_steps=steps, sigma_min=opts["sigma_min"],
                         sigma_max=opts["sigma_max"], rho=opts["rho"], S_churn=opts["S_churn"], S_min=opts["S_min"],
                         S_max=opts["S_max"], S_noise=opts["S_noise"], generator=dev_gen)
