@@ -308,6 +308,9 @@ def get_parser():
     g.add_argument("--epochs", type=int, default=1400, help="used when --max-steps is not given")
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="after the warm-up: constant (paper) or cosine decay to 0 at the last step")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (0 = none, paper)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--ema-decay", type=float, default=0.9999)
     g.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = off (paper)")
@@ -374,6 +377,17 @@ def set_precision(precision, device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def lr_at(args, step, max_steps):
+    """Learning rate of (0-based) step: linear warm-up over --warmup-steps, then constant or cosine to 0."""
+    warmup = getattr(args, "warmup_steps", 0) or 0
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    if getattr(args, "lr_schedule", "constant") == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr
 
 
 def make_run_dir(results_dir, method, model_name):
@@ -526,6 +540,8 @@ def main(args):
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step, max_steps)
         opt.step()
         ema_updater.update(args.ema_decay)
         objective.after_step(model, step, max_steps)
