@@ -165,6 +165,26 @@ def test_ddpm_x0_prediction_and_clipping():
     torch.testing.assert_close(x, torch.ones_like(x))  # clip_denoised=True clamps x0_hat to [-1, 1]
 
 
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_ddpm_matches_diffusers_dpm_solver_on_its_time_steps(spacing):
+    """Optional anchor (diffusers installed): on diffusers' own integer time steps and final step to sigma = 0,
+    our 2M reproduces DPMSolverMultistepScheduler (same paper, independent code). (Karras grids differ by
+    construction: diffusers evaluates the network at rounded steps but uses the unrounded sigmas.)"""
+    diffusers = pytest.importorskip("diffusers")
+    d = create_diffusion("")
+    target = DiffusionGaussianTarget(d, MU4, 0.3, learn_sigma=False)
+    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                                  timestep_spacing=spacing)
+    sched.set_timesteps(12)
+    z = _z((8, 4, 2, 2))
+    x = z.clone()
+    for t in sched.timesteps:
+        x = sched.step(target(x, torch.full((8,), float(t))), t, x).prev_sample
+    ours = d.dpm_solver_sample_loop(target, z.shape, noise=z, clip_denoised=False, order=2,
+                                    timesteps=[float(t) for t in sched.timesteps])
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- SiT
 
 
