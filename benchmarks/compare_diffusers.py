@@ -98,11 +98,17 @@ def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
     diffusion = create_diffusion("", noise_schedule=margs.get("noise_schedule", "linear"),
                                  diffusion_steps=margs.get("diffusion_steps", 1000))
     names = configs or (list(OURS) + list(DIFFUSERS_CONFIGS))
+    done = set()
+    if out and os.path.exists(out):  # resume: skip (solver, nfe, cfg) already measured
+        with open(out) as f:
+            done = {(r["solver"], r["nfe"], r["cfg"]) for r in map(json.loads, f)}
     records = []
     for cfg in cfgs:
         eps_fn = guided_eps(model, cfg)
         for nfe in nfes:
             for name in names:
+                if (name, nfe, cfg) in done:
+                    continue
                 calls.clear()
                 t0 = time.time()
                 xs = []
@@ -117,10 +123,11 @@ def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
                         xs.append(diffusers_sample(make_scheduler(name), eps_fn, zb, nfe, yb))
                 x = torch.cat(xs)
                 dt = time.time() - t0
-                res = score_samples(x, labels, size=H)
+                bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+                res = score_samples(x, labels, size=H) if bad == 0 else {"fd": float("nan"), "accuracy": float("nan")}
                 rec = dict(solver=name, nfe=len(calls) // ((num_samples + batch_size - 1) // batch_size), cfg=cfg,
                            fd=round(res["fd"], 3), accuracy=round(res["accuracy"], 4), seconds=round(dt, 1),
-                           num_samples=num_samples, seed=seed, ckpt=ckpt)
+                           num_samples=num_samples, seed=seed, ckpt=ckpt, non_finite_samples=bad)
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
                 if out:
