@@ -6,7 +6,11 @@ Used by dit_models.sample, sample_ddp, evaluate and train (in-training grids, qu
 import torch
 from tqdm.auto import tqdm
 
-SAMPLERS = {"ddpm": ("ddpm", "ddim"), "sit": ("ode", "sde"), "maskdit": ("edm",), "sddit": ("edm",)}
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm++"), "sit": ("ode", "sde", "dpm++"), "maskdit": ("edm", "dpm++"),
+            "sddit": ("edm", "dpm++")}
+# --sampler dpm++ (DPM-Solver++ multistep, dit_models/multistep.py): one network evaluation per step.
+DPM_DEFAULTS = {"num_sampling_steps": 20, "solver_order": 2,
+                "time_spacing": {"ddpm": "logSNR", "sit": "time_uniform", "maskdit": None, "sddit": None}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -25,14 +29,18 @@ def _has_torchdiffeq():
 def sampler_defaults(method, fast=True):
     """Sampler options for in-training grids and evaluation (fast=True) or the published defaults (fast=False).
 
-    fast: ddpm 100 respaced DDPM steps; sit ODE heun 50 grid points (98 NFE); edm Heun 18 steps (35 NFE).
+    fast: ddpm 100 respaced DDPM steps; sit DPM-Solver++(2M), 20 steps = 20 NFE (as good as 250 Heun / Euler
+    steps on the digits SiT: docs/results.md); edm Heun 18 steps (35 NFE).
     """
     if method == "ddpm":
         return {"sampler": "ddpm", "num_sampling_steps": 100 if fast else 250, "ddim_eta": 0.0}
     if method == "sit":
-        d = {"sampler": "ode", "num_sampling_steps": 50 if fast else 250, "atol": 1e-6, "rtol": 1e-3,
-             "sampling_method": "heun" if (fast or not _has_torchdiffeq()) else "dopri5",
+        d = {"sampler": "ode", "num_sampling_steps": 250, "atol": 1e-6, "rtol": 1e-3,
+             "sampling_method": "dopri5" if _has_torchdiffeq() else "heun",
              "diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "Mean", "last_step_size": 0.04}
+        if fast:
+            d.update(sampler="dpm++", num_sampling_steps=DPM_DEFAULTS["num_sampling_steps"],
+                     solver_order=DPM_DEFAULTS["solver_order"], time_spacing=DPM_DEFAULTS["time_spacing"]["sit"])
         return d
     if method in ("maskdit", "sddit"):
         return {"sampler": "edm", "num_sampling_steps": 18 if fast else 40, "sigma_min": 0.002, "sigma_max": 80.0,
@@ -43,8 +51,12 @@ def sampler_defaults(method, fast=True):
 def add_sampler_args(parser):
     """Sampler flags shared by sample, sample_ddp and evaluate (None = the method's default)."""
     g = parser.add_argument_group("sampler")
-    g.add_argument("--sampler", default=None, help="ddpm|ddim (ddpm), ode|sde (sit), edm (maskdit, sddit)")
-    g.add_argument("--num-sampling-steps", type=int, default=None, help="ddpm 250, sit 250, edm 40")
+    g.add_argument("--sampler", default=None,
+                   help="ddpm|ddim (ddpm), ode|sde (sit), edm (maskdit, sddit); dpm++ (every method: DPM-Solver++)")
+    g.add_argument("--num-sampling-steps", type=int, default=None, help="ddpm 250, sit 250, edm 40, dpm++ 20 (= NFE)")
+    g.add_argument("--solver-order", type=int, default=None, choices=[1, 2, 3], help="dpm++: 2 (2M) or 3 (3M)")
+    g.add_argument("--time-spacing", default=None, choices=["logSNR", "karras", "time_uniform"],
+                   help="dpm++ grid for ddpm (logSNR) and sit (time_uniform)")
     g.add_argument("--ddim-eta", type=float, default=None, help="ddim: eta (0 = deterministic)")
     g.add_argument("--sampling-method", default=None,
                    help="sit ode: dopri5 (torchdiffeq) | euler | heun | midpoint | rk4; sit sde: Euler | Heun")
@@ -77,6 +89,11 @@ def sampler_opts_from_args(args, method, fast=False):
         opts["last_step"] = None if args.last_step.lower() == "none" else args.last_step
     if opts["sampler"] not in SAMPLERS[method]:
         raise ValueError(f"--sampler {opts['sampler']} does not apply to --method {method}; choose from {SAMPLERS[method]}")
+    if opts["sampler"] == "dpm++":
+        if getattr(args, "num_sampling_steps", None) is None:
+            opts["num_sampling_steps"] = DPM_DEFAULTS["num_sampling_steps"]
+        opts["solver_order"] = getattr(args, "solver_order", None) or DPM_DEFAULTS["solver_order"]
+        opts["time_spacing"] = getattr(args, "time_spacing", None) or DPM_DEFAULTS["time_spacing"][method]
     if method == "sit" and "sampler" in opts and opts["sampler"] == "sde" and getattr(args, "sampling_method", None) is None:
         opts["sampling_method"] = "Euler"
     opts["guided_channels"] = getattr(args, "guided_channels", None)
@@ -88,7 +105,7 @@ def sampler_nfe(method, opts):
     """Network evaluations per sample (one call on the 2B CFG batch counts once); None for adaptive solvers."""
     steps = int(opts["num_sampling_steps"])
     kind = opts["sampler"]
-    if method == "ddpm":
+    if method == "ddpm" or kind == "dpm++":
         return steps
     if method == "sit":
         per_step = {"euler": 1, "heun": 2, "heun2": 2, "midpoint": 2, "rk4": 4, "Euler": 1, "Heun": 2}
@@ -209,7 +226,7 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
     if method == "ddpm":
         from dit_models.diffusion import create_diffusion
 
-        respacing = str(steps)
+        respacing = "" if kind == "dpm++" else str(steps)  # DPM-Solver++ runs on the base schedule
         diffusion = create_diffusion(respacing, noise_schedule=_margs(method_args, "noise_schedule", "linear"),
                                      learn_sigma=getattr(model, "learn_sigma", True),
                                      diffusion_steps=_margs(method_args, "diffusion_steps", 1000))
@@ -223,6 +240,9 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
             net = _GraphedNet(net)
         net = _CountingNet(net, bar)
         kw = dict(noise=z, clip_denoised=False, model_kwargs=dict(y=y), device=z.device, generator=dev_gen)
+        if kind == "dpm++":
+            return diffusion.dpm_solver_sample_loop(net, z.shape, num_steps=steps, order=int(opts.get("solver_order", 2)),
+                                                    time_spacing=opts.get("time_spacing") or "logSNR", **kw)
         if kind == "ddim":
             return diffusion.ddim_sample_loop(net, z.shape, eta=float(opts.get("ddim_eta") or 0.0), **kw)
         return diffusion.p_sample_loop(net, z.shape, **kw)
@@ -236,14 +256,17 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
         # null_label given here: the sampler cannot read it off the counting wrapper of model.forward.
         common = dict(cfg_scale=cfg_scale, guided_channels=gch, cuda_graph=cuda_graph,
                       null_label=model.y_embedder.num_classes if guided else None)
-        if kind == "sde":
+        if kind == "dpm++":
+            fn = sampler.sample_dpm_solver(steps, int(opts.get("solver_order", 2)),
+                                           opts.get("time_spacing") or "time_uniform", **common)
+        elif kind == "sde":
             fn = sampler.sample_sde(opts.get("sampling_method", "Euler"), opts["diffusion_form"], opts["diffusion_norm"],
                                     opts["last_step"], opts["last_step_size"], steps, generator=dev_gen, **common)
         else:
             fn = sampler.sample_ode(opts.get("sampling_method", "heun"), steps, opts["atol"], opts["rtol"], **common)
         return fn(z, _CountingNet(model.forward, bar), y=y)[-1]
     if method in ("maskdit", "sddit"):
-        from dit_models.edm import edm_sampler
+        from dit_models.edm import edm_dpm_solver_sampler, edm_sampler
 
         net = model
         if cuda_graph:
@@ -258,6 +281,10 @@ def _sample_batch(method, model, z, y, opts, cfg_scale, guided, gch, dev_gen, me
 
             net = _Net()
         net = _CountingNet(net, bar, getattr(net, "forward_with_cfg", None))
+        if kind == "dpm++":
+            return edm_dpm_solver_sampler(net, z, class_labels=y, cfg_scale=cfg_scale, num_steps=steps,
+                                          sigma_min=opts["sigma_min"], sigma_max=opts["sigma_max"], rho=opts["rho"],
+                                          order=int(opts.get("solver_order", 2))).float()
         x = edm_sampler(net, z, class_labels=y, cfg_scale=cfg_scale, num_steps=steps, sigma_min=opts["sigma_min"],
                         sigma_max=opts["sigma_max"], rho=opts["rho"], S_churn=opts["S_churn"], S_min=opts["S_min"],
                         S_max=opts["S_max"], S_noise=opts["S_noise"], generator=dev_gen)

@@ -31,17 +31,20 @@ import torch
 from dit_models import utils
 from dit_models.builders import METHODS, MethodUnavailable, accepts_kwarg, build_model_from_args, model_config
 from dit_models.data import UnreadableImageError
+from dit_models.metrics import REPORT_NUM_SAMPLES
 from dit_models.utils import derive_seed
 
 DEFAULT_MODEL = {"ddpm": "DiT-XL/2", "sit": "SiT-XL/2", "maskdit": "MaskDiT-XL/2", "sddit": "SD-DiT-XL/2"}
 DEFAULT_GLOBAL_BATCH = {"ddpm": 256, "sit": 256, "maskdit": 1024, "sddit": 1024}
 DEFAULT_MASK_RATIO = {"maskdit": 0.5, "sddit": 0.2}
 
-# Quickstart preset: a 4-block, width-64 SiT (Linear, velocity) on 16x16 digits, 333K parameters, 2000 steps.
-# Higher LR and a shorter EMA than the paper recipe (1e-4 / 0.9999), which is sized for millions of steps.
-QUICKSTART = dict(method="sit", model="SiT-S/2", depth=4, hidden_size=64, num_heads=4, data="digits",
-                  global_batch_size=32, lr=1e-3, ema_decay=0.995, max_steps=2000, log_every=100,
-                  ckpt_every=1000, sample_every=500, sample_cfg_scale=3.0, precision="fp32")
+# Quickstart preset: a 4-block, width-128 SiT (Linear, velocity) with 4x4 patches (16 tokens) on 16x16 digits,
+# 6000 steps of batch 32 (about 3 minutes on 2 cores). Higher LR and a shorter EMA than the paper recipe
+# (1e-4 / 0.9999), which is sized for millions of steps. Chosen from the recipes in docs/results.md: FD 10.7
+# at cfg 1 (real digits 8.7), class accuracy 1.00 at cfg 3, sampled with DPM-Solver++(2M) in 20 evaluations.
+QUICKSTART = dict(method="sit", model="SiT-S/4", depth=4, hidden_size=128, num_heads=4, data="digits",
+                  global_batch_size=32, lr=1e-3, ema_decay=0.995, max_steps=6000, log_every=500,
+                  ckpt_every=2000, sample_every=2000, sample_cfg_scale=3.0, precision="fp32")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,6 +206,9 @@ def get_parser():
     g.add_argument("--epochs", type=int, default=1400, help="used when --max-steps is not given")
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="after the warm-up: constant (paper) or cosine decay to 0 at the last step")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (0 = none, paper)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--ema-decay", type=float, default=0.9999)
     g.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = off (paper)")
@@ -220,7 +226,7 @@ def get_parser():
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--quickstart", action="store_true",
                    help="small SiT on digits + samples + loss plot + evaluation (override any flag, e.g. --max-steps 20)")
-    g.add_argument("--eval-samples", type=int, default=300,
+    g.add_argument("--eval-samples", type=int, default=REPORT_NUM_SAMPLES,
                    help="quickstart: samples per guidance setting of the digits report (as dit_models.evaluate)")
     return p
 
@@ -270,6 +276,17 @@ def set_precision(precision, device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def lr_at(args, step, max_steps):
+    """Learning rate of (0-based) step: linear warm-up over --warmup-steps, then constant or cosine to 0."""
+    warmup = getattr(args, "warmup_steps", 0) or 0
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    if getattr(args, "lr_schedule", "constant") == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr
 
 
 def make_run_dir(results_dir, method, model_name):
@@ -428,6 +445,8 @@ def main(args):
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step, max_steps)
         opt.step()
         ema_updater.update(args.ema_decay)
         objective.after_step(model, step, max_steps)

@@ -70,6 +70,9 @@ def test_quickstart_short(tmp_path, cache_dir):
     ("sit", ["--sampler", "ode", "--sampling-method", "euler", "--num-sampling-steps", "4"]),
     ("sit", ["--sampler", "sde", "--diffusion-form", "linear", "--num-sampling-steps", "4", "--cfg-scale", "1.0"]),
     ("maskdit", ["--num-sampling-steps", "3", "--cfg-scale", "1.5"]),
+    ("ddpm", ["--sampler", "dpm++", "--num-sampling-steps", "4", "--cfg-scale", "2.0"]),
+    ("sit", ["--sampler", "dpm++", "--num-sampling-steps", "4", "--solver-order", "3", "--time-spacing", "logSNR"]),
+    ("maskdit", ["--sampler", "dpm++", "--num-sampling-steps", "4", "--cfg-scale", "1.5"]),
 ])
 def test_sample_png(method, flags, checkpoints, tmp_path):
     out = str(tmp_path / "grid.png")
@@ -89,6 +92,26 @@ def test_generate_is_seeded(checkpoints):
     b = generation.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(5), margs)
     c = generation.generate(method, model, y, opts, 1.0, torch.Generator().manual_seed(6), margs)
     assert a.shape == (4, 1, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dpm_solver_options_and_nfe(checkpoints):
+    """--sampler dpm++ defaults to 20 steps = 20 network evaluations (one per step, CFG on the 2B batch)."""
+    p = sample.get_parser()
+    opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "dpm++"]), "ddpm")
+    assert (opts["num_sampling_steps"], opts["solver_order"], opts["time_spacing"]) == (20, 2, "logSNR")
+    assert generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "dpm++"]), "sit")["time_spacing"] \
+        == "time_uniform"
+    with pytest.raises(ValueError, match="does not apply"):
+        generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "edm"]), "ddpm")
+    for method in ("ddpm", "sit", "maskdit"):
+        model, _, margs = generation.load_model_for_sampling(checkpoints[method])
+        batches = []
+        model.x_embedder.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+        opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "dpm++",
+                                                           "--num-sampling-steps", "6"]), method)
+        x = generation.generate(method, model, torch.arange(5), opts, 2.0, torch.Generator().manual_seed(0), margs)
+        assert x.shape == (5, 1, 16, 16) and torch.isfinite(x).all()
+        assert batches == [10] * 6 == [10] * generation.sampler_nfe(method, opts), (method, batches)
 
 
 def test_sample_ddp_npz_resumable(checkpoints, tmp_path):

@@ -73,6 +73,20 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
+def test_lr_schedule_warmup_and_cosine(tmp_path):
+    a = make_args("sit", tmp_path, "--lr", "1e-3", "--warmup-steps", "4", "--lr-schedule", "cosine")
+    lrs = [train.lr_at(a, s, 14) for s in range(14)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up, full LR at step 3
+    assert lrs[4] == pytest.approx(1e-3) and lrs[9] == pytest.approx(5e-4)  # cosine: half way at 5 of 10 steps
+    assert all(x > y for x, y in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0
+    const = make_args("sit", tmp_path, "--lr", "1e-3")
+    assert {train.lr_at(const, s, 14) for s in range(14)} == {1e-3}  # paper default: constant, no warm-up
+    out = train.main(make_args("sit", tmp_path / "run", "--max-steps", "4", "--warmup-steps", "1",
+                               "--lr-schedule", "cosine", "--lr", "1e-3"))
+    ckpt = torch.load(out["checkpoint"], weights_only=False)
+    assert ckpt["opt"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)  # step 3: cos(2/3 pi) -> lr / 4
+
+
 def test_checkpoint_round_trip(tmp_path):
     out = train.main(make_args("sit", tmp_path, "--max-steps", "4", "--ckpt-every", "2"))
     ckpt_dir = os.path.join(out["run_dir"], "checkpoints")

@@ -6,6 +6,9 @@ Typical use:
     diffusion = create_diffusion("250")    # sampling: 250 respaced DDPM steps (DiT sample.py)
     x0 = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
                                  model_kwargs=dict(y=y, cfg_scale=1.5, cfg_channels=3))
+    x0 = diffusion.dpm_solver_sample_loop(lambda x, t, y: model.forward_guided(x, t, y, 1.5), z.shape, z,
+                                          clip_denoised=False, model_kwargs=dict(y=y), num_steps=20)
+                                           # DPM-Solver++(2M): 20 network evaluations
 """
 from . import gaussian_diffusion as gd
 from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule

@@ -318,6 +318,114 @@ class GaussianDiffusion:
             x = out["sample"]
 
     # ------------------------------------------------------------------------------------------
+    # DPM-Solver++ (multistep, one network evaluation per step; dit_models/multistep.py)
+
+    def _solver_alphas_cumprod(self):
+        """abar over the network's own time axis 0..T-1 (SpacedDiffusion: the base process)."""
+        return self.alphas_cumprod
+
+    def continuous_alphas_cumprod(self, t):
+        """abar at real-valued model times t in [0, T-1]: log abar interpolated linearly between steps.
+
+        This is the continuous-time view of a discrete DPM of Lu et al. (DPM-Solver, App. D) on the
+        network's own step numbers; at integer t it is the table itself. t: float or numpy array.
+        """
+        log_abar = np.log(self._solver_alphas_cumprod())
+        return np.exp(np.interp(t, np.arange(len(log_abar), dtype=np.float64), log_abar))
+
+    def _time_of_log_snr(self, lam):
+        """Inverse of lambda(t) = log(sqrt(abar) / sqrt(1 - abar)) on the interpolated schedule (numpy)."""
+        log_abar = np.log(self._solver_alphas_cumprod())
+        target = -np.logaddexp(0.0, -2.0 * np.asarray(lam, dtype=np.float64))  # log abar = -softplus(-2 lambda)
+        # log abar decreases with t: interpolate on the reversed table.
+        steps = np.arange(len(log_abar), dtype=np.float64)
+        return np.interp(target, log_abar[::-1], steps[::-1])
+
+    def solver_timesteps(self, num_steps, time_spacing="logSNR", t_max=None, t_min=0.0, denoise_final=True):
+        """Model times (host floats, decreasing) at which DPM-Solver++ evaluates the network.
+
+        num_steps evaluations; the first at t_max (default T - 1), the last at t_min (default 0), spaced
+        uniformly in time ("time_uniform"), in log-SNR ("logSNR") or rho = 7 in sigma / alpha ("karras").
+        With denoise_final the last step goes from t_min to clean data (sigma = 0, as DDPM and DDIM end:
+        they return x0_hat at step 0); without it the grid gets one more point (t_min) and sampling ends
+        there, so num_steps points precede it.
+        """
+        from dit_models.multistep import spaced_log_snrs
+
+        T = len(self._solver_alphas_cumprod())
+        t_max = float(T - 1 if t_max is None else t_max)
+        if not 0.0 <= t_min < t_max <= T - 1:
+            raise ValueError(f"need 0 <= t_min < t_max <= {T - 1}, got t_min={t_min}, t_max={t_max}")
+        if num_steps < 1:
+            raise ValueError("num_steps must be >= 1")
+        n = num_steps if denoise_final else num_steps + 1
+        if n == 1:
+            return [t_max]
+        if time_spacing == "time_uniform":
+            return [t_max + i / (n - 1) * (t_min - t_max) for i in range(n)]
+        abar = self.continuous_alphas_cumprod(np.array([t_max, t_min]))
+        lam = 0.5 * (np.log(abar) - np.log1p(-abar))
+        ts = self._time_of_log_snr(spaced_log_snrs(time_spacing, n, float(lam[0]), float(lam[1])))
+        ts = [float(v) for v in ts]
+        ts[0], ts[-1] = t_max, float(t_min)  # exact ends
+        return ts
+
+    def dpm_solver_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
+                               device=None, progress=False, num_steps=20, order=2, time_spacing="logSNR",
+                               denoise_final=True, timesteps=None, generator=None):
+        """DPM-Solver++ (Lu et al. 2022; 2M by default) with ONE network evaluation per step. Returns x_0.
+
+        The solver works on the continuous-time schedule of the network's own steps (see
+        continuous_alphas_cumprod; for a SpacedDiffusion the base process, whatever the respacing) and calls
+        the network with real-valued step numbers. The variance channels of a learned-sigma model are not
+        used (the probability-flow ODE needs only the mean).
+
+        Args:
+            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, generator: as in
+                ddim_sample_loop (the generator only draws the initial noise).
+            num_steps: network evaluations (NFE).
+            order: 1 (= DDIM on the same grid), 2 (DPM-Solver++(2M)) or 3 (3M).
+            time_spacing: "logSNR" (default), "karras" or "time_uniform" (solver_timesteps).
+            denoise_final: end with a step to sigma = 0 (x0_hat, as DDPM/DDIM); else stop at t_min = 0.
+            timesteps: explicit decreasing model times to evaluate at (overrides num_steps/time_spacing);
+                with denoise_final=False the last entry is the end point, not evaluated.
+        """
+        from dit_models.multistep import dpm_solver_plan, multistep_sample
+
+        if self.model_mean_type not in (ModelMeanType.EPSILON, ModelMeanType.START_X):
+            raise ValueError("DPM-Solver++ needs an epsilon or x_0 predicting model")
+        device = _sampling_device(device, noise, generator, model)
+        x = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
+        if timesteps is None:
+            timesteps = self.solver_timesteps(num_steps, time_spacing, denoise_final=denoise_final)
+        timesteps = [float(t) for t in timesteps]
+        abar = self.continuous_alphas_cumprod(np.array(timesteps))
+        alphas, sigmas = np.sqrt(abar).tolist(), np.sqrt(1.0 - abar).tolist()
+        if denoise_final:
+            alphas, sigmas = alphas + [1.0], sigmas + [0.0]
+        plan = dpm_solver_plan(alphas, sigmas, order)
+        N, C = x.shape[:2]
+        tdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        t_table = torch.tensor(timesteps[:len(plan)], dtype=torch.float64)[:, None].expand(len(plan), N)
+        t_table = t_table.to(tdtype).contiguous().to(device)  # (K, N): no host traffic inside the loop
+        learned = self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+        model_kwargs = model_kwargs or {}
+
+        def data_prediction(x, i):
+            out = model(x, t_table[i], **model_kwargs)
+            out = (out[:, :C] if learned else out).to(x.dtype)
+            if self.model_mean_type == ModelMeanType.START_X:
+                x0 = out
+            else:  # x0 = (x - sigma eps) / alpha with host-float coefficients
+                x0 = (out * (-sigmas[i] / alphas[i])).add_(x, alpha=1.0 / alphas[i])
+            if denoised_fn is not None:
+                x0 = denoised_fn(x0)
+            return x0.clamp(-1, 1) if clip_denoised else x0
+
+        with torch.no_grad():
+            return multistep_sample(x, data_prediction, plan, progress=(lambda it: _progress(it, True)) if progress else None)
+
+    # ------------------------------------------------------------------------------------------
     # Losses
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None, model_output=None):

@@ -70,6 +70,11 @@ class SpacedDiffusion(GaussianDiffusion):
         kwargs["betas"] = np.array(new_betas, dtype=np.float64)
         super().__init__(**kwargs)
         self._map_tensors = {}
+        self.base_alphas_cumprod = base.alphas_cumprod
+
+    def _solver_alphas_cumprod(self):
+        # DPM-Solver++ runs in continuous time over the original steps, whatever the respacing.
+        return self.base_alphas_cumprod
 
     def map_timesteps(self, t):
         """Spaced indices (N,) -> original step numbers (N,) int64, on t's device (no host sync)."""

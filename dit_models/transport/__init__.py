@@ -5,6 +5,7 @@
     sampler = Sampler(transport)
     sample_fn = sampler.sample_sde(diffusion_form="sigma", cfg_scale=1.5, guided_channels=3)
     x = sample_fn(z, model.forward, y=y)[-1]                    # B-row state, fused CFG
+    x = sampler.sample_dpm_solver(20, cfg_scale=1.5)(z, model.forward, y=y)[-1]   # DPM-Solver++(2M), 20 NFE
 
 See sampler.py for the differences from the public SiT code (one network evaluation per drift,
 device-side noise, final state only, CUDA-graph capture, likelihood from data).

@@ -1,5 +1,11 @@
 """Closed-form fields of a Gaussian data distribution, for testing samplers and conversions.
 
+Three "models" with exact outputs: GaussianTarget (SiT transports: velocity / score / noise),
+DiffusionGaussianTarget (DiT's DDPM: epsilon, plus learned-variance channels) and EDMGaussianTarget (EDM
+denoiser D(x; sigma), with forward_with_cfg). Each counts its network calls (.calls) and records the batch
+size of each call (.batch_sizes), so tests can check one evaluation per step on the 2B CFG batch, and each
+gives the exact probability-flow ODE map (ode_solution) to measure a solver's order of convergence.
+
 For data x1 ~ N(mu, std^2 I) and noise x0 ~ N(0, I), x_t = alpha_t x1 + sigma_t x0 is Gaussian with
 mean alpha_t mu and variance V_t = alpha_t^2 std^2 + sigma_t^2, and every quantity a SiT network
 learns is affine in x:
@@ -14,7 +20,100 @@ import torch
 
 from .path import expand_t
 
-__all__ = ["GaussianTarget"]
+__all__ = ["GaussianTarget", "DiffusionGaussianTarget", "EDMGaussianTarget"]
+
+
+def _class_mean(mu, x, y):
+    """(C,) or per-class (K, C) means -> broadcastable (N or 1, C, 1, ...) in x's dtype."""
+    m = mu if mu.dim() == 1 else mu[y.to(mu.device)]
+    m = m.to(device=x.device, dtype=x.dtype)
+    return m.reshape(m.shape[0] if m.dim() == 2 else 1, -1, *([1] * (x.dim() - 2)))
+
+
+def _gaussian_ode_map(x, mean_from, var_from, mean_to, var_to):
+    """The PF-ODE keeps (x - mean) / sqrt(var) constant: exact map between two marginals."""
+    return mean_to + torch.sqrt(torch.as_tensor(var_to / var_from, dtype=x.dtype)) * (x - mean_from)
+
+
+class DiffusionGaussianTarget:
+    """Exact epsilon "network" of a DiT diffusion for data N(mu, std^2 I): model(x, t, y=None) -> eps.
+
+    t: model times (DDPM step numbers, real-valued allowed) on the diffusion's continuous schedule
+    (GaussianDiffusion.continuous_alphas_cumprod). With learn_sigma, C more constant channels `v` are appended
+    (the learned-range variance input), as DiT outputs them.
+
+    Args:
+        diffusion: a GaussianDiffusion / SpacedDiffusion (its base schedule is used).
+        mu: (C,) or (K, C) per-class means (label y selects the row). std: scalar.
+    """
+
+    def __init__(self, diffusion, mu, std, learn_sigma=True, v=0.0):
+        self.diffusion = diffusion
+        self.mu = torch.as_tensor(mu, dtype=torch.float64)
+        self.std = float(std)
+        self.learn_sigma = learn_sigma
+        self.v = v
+        self.calls = 0
+        self.batch_sizes = []
+
+    def alpha_sigma(self, t):
+        """(alpha, sigma) float64 tensors of model times t (tensor or list)."""
+        abar = torch.as_tensor(self.diffusion.continuous_alphas_cumprod(torch.as_tensor(t).double().cpu().numpy()))
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def __call__(self, x, t, y=None, **kwargs):
+        self.calls += 1
+        self.batch_sizes.append(x.shape[0])
+        a, s = self.alpha_sigma(t)
+        a, s = (v.to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1))) for v in (a, s))
+        eps = s * (x - a * _class_mean(self.mu, x, y)) / (a * a * self.std ** 2 + s * s)
+        return torch.cat([eps, torch.full_like(eps, self.v)], 1) if self.learn_sigma else eps
+
+    def ode_solution(self, x, t_from, t_to=None, y=None):
+        """Exact PF-ODE map of x from model time t_from to t_to (None: clean data, sigma = 0)."""
+        a0, s0 = (float(v) for v in self.alpha_sigma([t_from]))
+        a1, s1 = (1.0, 0.0) if t_to is None else (float(v) for v in self.alpha_sigma([t_to]))
+        m = _class_mean(self.mu, x, y)
+        return _gaussian_ode_map(x, a0 * m, a0 ** 2 * self.std ** 2 + s0 ** 2, a1 * m, a1 ** 2 * self.std ** 2 + s1 ** 2)
+
+
+class EDMGaussianTarget:
+    """Exact EDM denoiser D(x; sigma) = mu + std^2 / (std^2 + sigma^2) (x - mu) for data N(mu, std^2 I).
+
+    Called as net(x, sigma, class_labels) like EDMPrecond / MaskDiT; forward_with_cfg(x, sigma, class_labels,
+    cfg_scale) evaluates ONE 2N batch [y; null] (null label = the last row of a (K + 1, C) mu) and guides D.
+    """
+
+    def __init__(self, mu, std):
+        self.mu = torch.as_tensor(mu, dtype=torch.float64)
+        self.std = float(std)
+        self.calls = 0
+        self.batch_sizes = []
+
+    def _denoise(self, x, sigma, labels):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
+        m = _class_mean(self.mu, x, labels)
+        return m + self.std ** 2 / (self.std ** 2 + sigma ** 2) * (x - m)
+
+    def __call__(self, x, sigma, class_labels=None, **kwargs):
+        self.calls += 1
+        self.batch_sizes.append(x.shape[0])
+        return self._denoise(x, sigma, class_labels)
+
+    def forward_with_cfg(self, x, sigma, class_labels, cfg_scale, **kwargs):
+        self.calls += 1
+        n = x.shape[0]
+        null = torch.full_like(class_labels, self.mu.shape[0] - 1)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(n)
+        D = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([class_labels, null]))
+        self.batch_sizes.append(2 * n)
+        D_c, D_u = D[:n], D[n:]
+        return D_u + cfg_scale * (D_c - D_u)
+
+    def ode_solution(self, x, sigma_from, sigma_to=0.0, y=None):
+        """Exact PF-ODE map of x from noise level sigma_from to sigma_to (x_sigma = x_data + sigma eps)."""
+        m = _class_mean(self.mu, x, y)
+        return _gaussian_ode_map(x, m, self.std ** 2 + sigma_from ** 2, m, self.std ** 2 + sigma_to ** 2)
 
 
 class GaussianTarget:
@@ -31,11 +130,10 @@ class GaussianTarget:
         self.mu = torch.as_tensor(mu, dtype=torch.float64)
         self.std = float(std)
         self.calls = 0
+        self.batch_sizes = []
 
     def _mean(self, x, y):
-        mu = self.mu if self.mu.dim() == 1 else self.mu[y]
-        mu = mu.to(device=x.device, dtype=x.dtype)
-        return mu.reshape(mu.shape[0] if mu.dim() == 2 else 1, -1, *([1] * (x.dim() - 2)))
+        return _class_mean(self.mu, x, y)
 
     def moments(self, t, x, y=None):
         """(mean of x_t (N or 1, C, ...), variance V_t) for per-sample t (N,) or a float."""
@@ -65,6 +163,7 @@ class GaussianTarget:
 
     def __call__(self, x, t, y=None, **kwargs):
         self.calls += 1
+        self.batch_sizes.append(x.shape[0])
         kind = self.transport.model_type.value
         return self.field(x, t.to(x.dtype), kind, y)
 

@@ -57,7 +57,8 @@ try:  # device-table variant of the fused step (per-step CUDA-graph capture); ab
 except ImportError:  # pragma: no cover
     sde_euler_maruyama_step_table = None
 
-__all__ = ["Sampler", "LikelihoodResult", "diffusion_coefficient", "DIFFUSION_FORMS", "reset_cuda_graphs"]
+__all__ = ["Sampler", "LikelihoodResult", "diffusion_coefficient", "DIFFUSION_FORMS", "reset_cuda_graphs",
+           "dpm_solver_grid"]
 
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 _FORM_ALIASES = {"inccreasing-decreasing": "increasing-decreasing"}  # the public code's spelling
@@ -168,7 +169,7 @@ class _SampleFn:
         """Everything a captured loop bakes in, as a hashable key (see cuda_graph.py)."""
         coeffs = tuple(tuple(v) if isinstance(v, list) else v for k, v in sorted(vars(self).items())
                        if k in ("a", "b", "coef_x", "coef_out", "noise_std", "last_coeffs", "method", "num_steps",
-                                "last_step", "dt"))
+                                "last_step", "dt", "plan"))
         return (type(self).__name__, tuple(self.times), self.cfg_scale, self.guided_channels, self.null_label,
                 self.return_trajectory, coeffs)
 
@@ -330,6 +331,104 @@ class _ODESampleFn(_SampleFn):
         traj = self.torchdiffeq.odeint(f, x, t_grid, method=self.method, atol=self.atol, rtol=self.rtol,
                                        **_odeint_options(self.method, t_grid))
         return list(traj) if self.return_trajectory else [traj[-1]]
+
+
+# Log-SNR range used to space "logSNR" / "karras" grids when an end of the interval is at lambda = +-inf
+# (t = 0 or t = 1 on the Linear / GVP paths): EDM's sigma / alpha range [0.002, 80].
+DPM_LOG_SNR_RANGE = (-math.log(80.0), -math.log(0.002))
+
+
+def _time_of_log_snr(path, lams, lo, hi, iters=100):
+    """Times t in [lo, hi] with log(alpha_t / sigma_t) = lams (bisection in float64; lambda increases with t)."""
+    lams = torch.tensor(lams, dtype=torch.float64)
+    a = torch.full_like(lams, lo)
+    b = torch.full_like(lams, hi)
+    for _ in range(iters):
+        m = (a + b) / 2
+        lam_m = torch.log(path.alpha_t(m)) - torch.log(path.sigma_t(m))
+        below = lam_m < lams
+        a, b = torch.where(below, m, a), torch.where(below, b, m)
+    return ((a + b) / 2).tolist()
+
+
+def dpm_solver_grid(transport, t0, t1, num_steps, time_spacing="time_uniform", denoise_final=True):
+    """Times of the SiT DPM-Solver++ grid: (times of the num_steps evaluations, alphas, sigmas of all points).
+
+    The points run from t0 (noise) to t1 in the chosen spacing; if sigma(t1) > 0 and denoise_final, the
+    num_steps evaluations span [t0, t1] and one more point at clean data (t = 1: alpha = 1, sigma = 0)
+    ends the grid; otherwise num_steps + 1 points span [t0, t1] (for Linear/GVP velocity t1 = 1 is already
+    clean data). "logSNR" / "karras" spacing is computed between the interval's log-SNRs clipped to
+    DPM_LOG_SNR_RANGE, with the exact ends t0, t1 kept.
+    """
+    from dit_models.multistep import TIME_SPACINGS, spaced_log_snrs
+
+    if time_spacing not in TIME_SPACINGS:
+        raise ValueError(f"unknown time spacing {time_spacing!r}; choose one of {TIME_SPACINGS}")
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    path = transport.path
+
+    def alpha_sigma(ts):
+        t = torch.tensor(ts, dtype=torch.float64)
+        al, si = path.alpha_t(t), path.sigma_t(t)
+        si = torch.where(si < 1e-12, torch.zeros_like(si), si)  # GVP: cos(pi / 2) = 6e-17 is clean data
+        return al.tolist(), si.tolist()
+
+    clean_end = alpha_sigma([t1])[1][0] == 0
+    extra = denoise_final and not clean_end
+    n = num_steps + (0 if extra else 1)
+    if n == 1:
+        ts = [t0]
+    elif time_spacing == "time_uniform":
+        ts = torch.linspace(t0, t1, n, dtype=torch.float64).tolist()
+    else:
+        (a0, a1), (s0, s1) = alpha_sigma([t0, t1])
+        lo, hi = DPM_LOG_SNR_RANGE
+        lam0 = max(lo, math.log(a0) - math.log(s0)) if a0 > 0 else lo
+        lam1 = min(hi, math.log(a1) - math.log(s1)) if s1 > 0 else hi
+        ts = _time_of_log_snr(path, spaced_log_snrs(time_spacing, n, lam0, lam1), t0, t1)
+        ts[0], ts[-1] = t0, t1
+    alphas, sigmas = alpha_sigma(ts)
+    if extra:
+        alphas, sigmas = alphas + [1.0], sigmas + [0.0]
+    return ts[:num_steps], alphas, sigmas
+
+
+class _DPMSolverSampleFn(_SampleFn):
+    """DPM-Solver++ multistep (dit_models/multistep.py) in the interpolant's own time: one evaluation per step.
+
+    The data prediction E[x1 | x_t] = a x + b out comes from Transport.tweedie_coeffs (finite at t = 0 for
+    velocity models), so every prediction type on every path works.
+    """
+
+    def __init__(self, transport, t0, t1, num_steps, order, time_spacing, denoise_final, **kw):
+        from dit_models.multistep import dpm_solver_plan
+
+        times, alphas, sigmas = dpm_solver_grid(transport, t0, t1, num_steps, time_spacing, denoise_final)
+        super().__init__(transport, times, **kw)
+        self.method = f"dpm++{order}"
+        self.num_steps = num_steps
+        self.plan = dpm_solver_plan(alphas, sigmas, order)
+        a, b = transport.tweedie_coeffs(torch.tensor(times, dtype=torch.float64))
+        self.a, self.b = a.tolist(), b.tolist()
+        _check_finite("DPM-Solver data prediction", self.a + self.b)
+
+    def _loop(self, x, model, kw, table, max_steps):
+        from dit_models.multistep import multistep_sample
+
+        kw = self._net_kwargs(kw, self.cfg)
+        traj = [x] if self.return_trajectory else None
+
+        def data_prediction(x_, i):
+            if traj is not None and i > 0:
+                traj.append(x_)
+            return _lin(x_, self.a[i], self._model_out(model, x_, table[i], kw), self.b[i])
+
+        x = multistep_sample(x, data_prediction, self.plan, max_steps)
+        if traj is None:
+            return [x]
+        traj.append(x)
+        return traj
 
 
 class _SDESampleFn(_SampleFn):
@@ -573,6 +672,33 @@ class Sampler:
         return _ODESampleFn(self.transport, start, end, num_steps, method, atol, rtol, cfg_scale=cfg_scale,
                             guided_channels=guided_channels, null_label=null_label, cuda_graph=cuda_graph,
                             return_trajectory=return_trajectory)
+
+    def sample_dpm_solver(self, num_steps=20, order=2, time_spacing="time_uniform", denoise_final=True,
+                          cuda_graph=False, return_trajectory=False, cfg_scale=1.0, guided_channels=None,
+                          null_label=None):
+        """DPM-Solver++ multistep (Lu et al. 2022) on the probability-flow ODE, noise (t0) -> data: ONE network
+        evaluation per step (num_steps = NFE), for every path and prediction type.
+
+        Exponential-integrator form in the path's log-SNR lambda = log(alpha_t / sigma_t) with the data
+        prediction E[x1 | x_t] (dit_models/multistep.py); order 1 on the Linear path equals Euler on the same
+        grid. Grid: dpm_solver_grid (t0, t1 from the transport's sampling interval, as sample_ode).
+
+        Args:
+            num_steps: network evaluations.
+            order: 1, 2 (DPM-Solver++(2M), default) or 3 (3M).
+            time_spacing: "time_uniform" (SiT's own t, default), "logSNR" or "karras".
+            denoise_final: when the interval ends before clean data (VP; score/noise models), finish with a
+                first-order step to t = 1 (sigma = 0) instead of stopping at t1.
+            cuda_graph, return_trajectory (the state before each step and the final one), cfg_scale,
+                guided_channels, null_label: as sample_ode.
+        Returns:
+            fn(x, model, **model_kwargs) -> list of states (the last one is the sample).
+        """
+        t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
+                                               sde=False, eval=True)
+        return _DPMSolverSampleFn(self.transport, t0, t1, num_steps, order, time_spacing, denoise_final,
+                                  cfg_scale=cfg_scale, guided_channels=guided_channels, null_label=null_label,
+                                  cuda_graph=cuda_graph, return_trajectory=return_trajectory)
 
     def sample_sde(self, sampling_method="Euler", diffusion_form="SBDM", diffusion_norm=1.0, last_step="Mean",
                    last_step_size=0.04, num_steps=250, cuda_graph=False, return_trajectory=False, cfg_scale=1.0,

@@ -203,9 +203,18 @@ class Transport:
         return (torch.where(zero, a_v, a_v + diffusion * a_s), torch.where(zero, b_v, b_v + diffusion * b_s))
 
     def tweedie_coeffs(self, t):
-        """(a, b) with E[x1 | x_t] = x / alpha + sigma^2 / alpha * s = a * x + b * out."""
+        """(a, b) with E[x1 | x_t] = x / alpha + sigma^2 / alpha * s = a * x + b * out.
+
+        Velocity models use the equivalent x1 = (sigma v - d_sigma x) / (sigma d_alpha - d_sigma alpha)
+        (solve x = alpha x1 + sigma x0, v = d_alpha x1 + d_sigma x0), which stays finite at alpha = 0
+        (t = 0 on the Linear / GVP paths: E[x1 | x_0] = x + v there).
+        """
         p = self.path
         alpha, sigma = p.alpha_t(t), p.sigma_t(t)
+        if self.model_type == ModelType.VELOCITY:
+            d_alpha, d_sigma = p.d_alpha_t(t), p.d_sigma_t(t)
+            w = sigma * d_alpha - d_sigma * alpha  # > 0 on every path
+            return -d_sigma / w, sigma / w
         a_s, b_s = self.score_coeffs(t)
         return 1 / alpha + sigma ** 2 / alpha * a_s, sigma ** 2 / alpha * b_s
 

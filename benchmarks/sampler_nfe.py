@@ -1,0 +1,114 @@
+"""FD and class accuracy against the number of network evaluations, for every sampler of a digits checkpoint.
+
+    python benchmarks/sampler_nfe.py --ckpt /work/ckpt12/sit/.../0006000.pt --nfe 5 10 20 50 250 \
+        --cfg 1 3 --num-samples 1000 --out sit.jsonl
+
+Every sampler runs from the same initial noise and labels (labels i mod 10, seed fixed), so the rows differ
+only by the sampler. The evaluations are counted (a forward hook on the patch embedding: one count per
+network batch, i.e. per NFE with or without CFG), not computed from the step count. Samplers per method:
+  ddpm:  ddpm (ancestral), ddim, dpm++2 (2M), dpm++3 (3M)           steps = NFE
+  sit:   euler (ODE, NFE + 1 grid points), heun (ODE, NFE / 2 + 1 points), sde (Euler-Maruyama, "sigma"
+         form, last step Mean 0.04; NFE grid points), dpm++2, dpm++3   (dopri5 needs torchdiffeq: not run)
+  edm:   heun (EDM Heun, (NFE + 1) / 2 steps), dpm++2, dpm++3          (maskdit, sddit)
+One JSON line per (sampler, NFE, cfg) with fd, accuracy, nfe (counted), seconds; --out appends and a rerun
+skips the (sampler, NFE, cfg) already there for the same checkpoint.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dit_models.metrics import score_samples  # noqa: E402
+from dit_models.generation import generate, load_model_for_sampling, sampler_defaults  # noqa: E402
+
+SAMPLERS = {
+    "ddpm": ["ddpm", "ddim", "dpm++2", "dpm++3"],
+    "sit": ["euler", "heun", "sde", "dpm++2", "dpm++3"],
+    "maskdit": ["heun", "dpm++2", "dpm++3"],
+    "sddit": ["heun", "dpm++2", "dpm++3"],
+}
+
+
+def sampler_opts(method, name, nfe, time_spacing=None):
+    """Sampler options that spend about `nfe` network evaluations."""
+    o = sampler_defaults(method, fast=False)
+    if name.startswith("dpm++"):
+        o.update(sampler="dpm++", num_sampling_steps=nfe, solver_order=int(name[-1]))
+        if time_spacing:
+            o["time_spacing"] = time_spacing
+        elif method in ("ddpm", "sit"):
+            from dit_models.generation import DPM_DEFAULTS
+
+            o["time_spacing"] = DPM_DEFAULTS["time_spacing"][method]
+        return o
+    if method == "ddpm":
+        o.update(sampler=name, num_sampling_steps=nfe)
+    elif method == "sit":
+        if name == "euler":
+            o.update(sampler="ode", sampling_method="euler", num_sampling_steps=nfe + 1)
+        elif name == "heun":
+            o.update(sampler="ode", sampling_method="heun", num_sampling_steps=max(2, nfe // 2 + 1))
+        else:
+            o.update(sampler="sde", sampling_method="Euler", num_sampling_steps=max(2, nfe))
+    else:
+        o.update(sampler="edm", num_sampling_steps=max(2, (nfe + 1) // 2))
+    return o
+
+
+def run(ckpt, samplers, nfes, cfgs, num_samples, seed, out, time_spacing=None, batch_size=1000):
+    torch.set_grad_enabled(False)
+    model, method, margs = load_model_for_sampling(ckpt, device="cpu")
+    calls = []
+    model.x_embedder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    labels = torch.arange(num_samples) % model.num_classes
+    done = set()
+    if out and os.path.exists(out):  # resume: skip (sampler, NFE, cfg) already in the file for this checkpoint
+        with open(out) as f:
+            done = {(r["sampler"], r["nfe_target"], r["cfg"]) for r in map(json.loads, f) if r["ckpt"] == ckpt}
+    records = []
+    for cfg in cfgs:
+        for name in samplers or SAMPLERS[method]:
+            for nfe in nfes:
+                if (name, nfe, cfg) in done:
+                    continue
+                opts = sampler_opts(method, name, nfe, time_spacing)
+                calls.clear()
+                t = time.time()
+                x = generate(method, model, labels, opts, cfg, torch.Generator().manual_seed(seed), margs,
+                             batch_size=batch_size)
+                dt = time.time() - t
+                res = score_samples(x, labels, size=int(margs.get("input_size", 16)))
+                n_batches = (num_samples + batch_size - 1) // batch_size
+                rec = dict(ckpt=ckpt, method=method, sampler=name, nfe_target=nfe, nfe=len(calls) // n_batches,
+                           cfg=cfg, fd=round(res["fd"], 3), accuracy=round(res["accuracy"], 4), seconds=round(dt, 2),
+                           num_samples=num_samples, seed=seed, time_spacing=opts.get("time_spacing"),
+                           steps=opts["num_sampling_steps"])
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+                if out:
+                    with open(out, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--samplers", nargs="*", default=None, help="default: every sampler of the method")
+    p.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20, 50, 250])
+    p.add_argument("--cfg", nargs="+", type=float, default=[1.0])
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-spacing", default=None, help="dpm++ grid (default: the method's)")
+    p.add_argument("--out", default=None, help="append JSON lines here")
+    a = p.parse_args(argv)
+    run(a.ckpt, a.samplers, a.nfe, a.cfg, a.num_samples, a.seed, a.out, a.time_spacing)
+
+
+if __name__ == "__main__":
+    main()

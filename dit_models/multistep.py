@@ -1,0 +1,152 @@
+"""Multistep exponential integrators (DPM-Solver++ 2M / 3M) shared by DiT diffusion, SiT transport and EDM.
+
+Written from Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+Models" (arXiv 2211.01095), Algorithm 2, and the exponential-integrator derivation of DPM-Solver (arXiv
+2206.00927). The three processes of this package share one structure: the marginal at time t is
+x_t = alpha_t * x_data + sigma_t * noise (DDPM: alpha = sqrt(abar), sigma = sqrt(1 - abar); SiT: the
+path's alpha_t, sigma_t; EDM: alpha = 1, sigma = the noise level). With the log-SNR time
+lambda = log(alpha / sigma) and the data prediction x_hat(x, t) = E[x_data | x_t = x], the probability-
+flow ODE becomes
+    d(x / sigma) / d lambda = e^lambda * x_hat,
+so one step from lambda_i to lambda_{i+1} = lambda_i + h is exactly
+    x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} * int_0^h e^(u - h) x_hat(lambda_i + u) du.
+Expanding x_hat in a Taylor series around lambda_i and integrating term by term:
+    x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} [phi_1 x_hat_i + phi_2 x_hat'_i + phi_3 x_hat''_i + ...]
+    phi_1 = 1 - e^-h,   phi_2 = h - 1 + e^-h,   phi_3 = h^2 / 2 - h + 1 - e^-h.
+The multistep solvers take the derivatives from the data predictions of earlier steps, so each step costs
+ONE network evaluation:
+  order 1: phi_1 only (= DDIM, = Euler in EDM's sigma, = Euler on SiT's Linear path);
+  order 2: DPM-Solver++(2M) as in the paper: phi_2 x_hat' is replaced by phi_1 (h / 2) (x_hat_i -
+           x_hat_{i-1}) / h_{i-1}, i.e. x_hat_i + (x_hat_i - x_hat_{i-1}) / (2 r) with r = h_{i-1} / h;
+  order 3 (3M): x_hat' and x_hat'' from the quadratic through the last three data predictions (in lambda),
+           with the exact phi_2, phi_3.
+The first steps use the order the history allows; a step that ends at sigma = 0 (clean data, lambda = inf)
+is first order (the multistep correction is unbounded there), as is a step from lambda = -inf (SiT's Linear
+path at t = 0, where alpha = 0). Every coefficient is a host float computed once in float64, so the loop
+does no host <-> device traffic and can be captured in a CUDA graph.
+
+Grids are given as K + 1 points (alpha_i, sigma_i), noise end first: the network is evaluated at points
+0..K-1 and step i goes from point i to point i + 1 (K evaluations for K steps).
+"""
+import math
+
+__all__ = ["dpm_solver_plan", "multistep_sample", "log_snr", "karras_sigmas", "spaced_log_snrs", "SOLVER_ORDERS",
+           "TIME_SPACINGS"]
+
+SOLVER_ORDERS = (1, 2, 3)
+# "time_uniform": equal steps in the process's own time (DDPM step number, SiT t; EDM has its own rho grid);
+# "logSNR": equal steps in lambda (Lu et al.); "karras": rho = 7 spacing of sigma / alpha (Karras et al.).
+TIME_SPACINGS = ("time_uniform", "logSNR", "karras")
+
+
+def log_snr(alpha, sigma):
+    """lambda = log(alpha / sigma) as a host float (-inf at alpha = 0, +inf at sigma = 0)."""
+    if sigma == 0:
+        return math.inf
+    if alpha == 0:
+        return -math.inf
+    return math.log(alpha) - math.log(sigma)
+
+
+def _phis(h):
+    """phi_1, phi_2, phi_3 of the step size h (h = inf gives 1, inf, inf); expm1 avoids cancellation."""
+    if math.isinf(h):
+        return 1.0, math.inf, math.inf
+    em1 = math.expm1(-h)  # e^-h - 1
+    return -em1, h + em1, h * h / 2 - h - em1
+
+
+def dpm_solver_plan(alphas, sigmas, order=2):
+    """Per-step coefficients of DPM-Solver++ on a grid of K + 1 points.
+
+    Args:
+        alphas, sigmas: K + 1 host floats each, noise end first; sigma_i > 0 for i < K (sigma_K may be 0:
+            clean data); alpha_0 may be 0 (pure noise).
+        order: 1, 2 (DPM-Solver++(2M), the paper's update) or 3 (3M).
+    Returns:
+        list of K tuples (c_x, (c_0, c_1, c_2)) meaning
+        x_{i+1} = c_x * x_i + c_0 * x_hat_i + c_1 * x_hat_{i-1} + c_2 * x_hat_{i-2}.
+    """
+    if order not in SOLVER_ORDERS:
+        raise ValueError(f"solver order must be one of {SOLVER_ORDERS}, got {order}")
+    alphas, sigmas = [float(a) for a in alphas], [float(s) for s in sigmas]
+    if len(alphas) != len(sigmas) or len(alphas) < 2:
+        raise ValueError("alphas and sigmas need the same length K + 1 >= 2")
+    if any(s <= 0 for s in sigmas[:-1]) or sigmas[-1] < 0 or any(a < 0 for a in alphas):
+        raise ValueError("need sigma_i > 0 before the last point, sigma_K >= 0 and alpha_i >= 0")
+    lams = [log_snr(a, s) for a, s in zip(alphas, sigmas)]
+    if any(l1 <= l0 for l0, l1 in zip(lams[:-1], lams[1:])):
+        raise ValueError("the grid must run from noise to data (strictly increasing alpha / sigma)")
+    plan = []
+    for i in range(len(lams) - 1):
+        h = lams[i + 1] - lams[i]
+        a_next = alphas[i + 1]
+        c_x = sigmas[i + 1] / sigmas[i]
+        phi1, phi2, phi3 = _phis(h)
+        # Usable order: history available and every step size involved finite.
+        hs = [lams[i - j] - lams[i - j - 1] for j in range(min(order - 1, i))]  # h_{i-1}, h_{i-2}
+        k = 1 if math.isinf(h) else 1 + len(hs)
+        for j, hj in enumerate(hs):
+            if math.isinf(hj):
+                k = min(k, 1 + j)
+        c = [a_next * phi1, 0.0, 0.0]
+        if k == 2:
+            # Paper's 2M: alpha phi_1 (h / 2) (x_hat_i - x_hat_{i-1}) / h_{i-1}.
+            w = a_next * phi1 * h / (2 * hs[0])
+            c[0] += w
+            c[1] -= w
+        elif k == 3:
+            h0, h1 = hs
+            # Quadratic through (lambda_{i-2}, lambda_{i-1}, lambda_i): x_hat' = d1 + h0 q, x_hat'' = 2 q,
+            # d1 = (x_i - x_{i-1}) / h0, q = (d1 - d2) / (h0 + h1), d2 = (x_{i-1} - x_{i-2}) / h1.
+            A = a_next * phi2
+            B = a_next * (phi2 * h0 + 2 * phi3) / (h0 + h1)
+            c[0] += (A + B) / h0
+            c[1] -= (A + B) / h0 + B / h1
+            c[2] += B / h1
+        plan.append((c_x, tuple(c)))
+    return plan
+
+
+def multistep_sample(x, data_prediction, plan, max_steps=None, progress=None):
+    """Run a plan from dpm_solver_plan: x_{i+1} = c_x x_i + sum_j c_j x_hat_{i-j}.
+
+    Args:
+        x: initial state (any shape; the update is elementwise).
+        data_prediction: callable (x, i) -> x_hat at grid point i (one network evaluation), like x.
+        plan: list of (c_x, (c_0, c_1, c_2)) host floats.
+        max_steps: stop after this many steps (CUDA-graph warm-up).
+        progress: optional wrapper of the step iterator (e.g. tqdm).
+    Returns the state after the last step.
+    """
+    history = []  # newest first
+    steps = plan if max_steps is None else plan[:max_steps]
+    steps = list(enumerate(steps))
+    for i, (c_x, cs) in (steps if progress is None else progress(steps)):
+        history.insert(0, data_prediction(x, i))
+        del history[3:]
+        out = history[0] * cs[0] if c_x == 0 else (history[0] * cs[0]).add_(x, alpha=c_x)
+        for c, d in zip(cs[1:], history[1:]):
+            if c != 0:
+                out.add_(d, alpha=c)
+        x = out
+    return x
+
+
+def spaced_log_snrs(spacing, n, lam_min, lam_max, rho=7.0):
+    """n increasing log-SNRs from lam_min to lam_max (finite): "logSNR" uniform, "karras" rho-spaced in e^-lambda."""
+    if n == 1:
+        return [float(lam_min)]
+    if spacing == "logSNR":
+        return [lam_min + i / (n - 1) * (lam_max - lam_min) for i in range(n)]
+    if spacing == "karras":
+        return [-math.log(s) for s in karras_sigmas(n, math.exp(-lam_max), math.exp(-lam_min), rho)]
+    raise ValueError(f"unknown time spacing {spacing!r}; choose one of {TIME_SPACINGS}")
+
+
+def karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
+    """n noise levels (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, host floats."""
+    if n == 1:
+        return [float(sigma_max)]
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(a + i / (n - 1) * (b - a)) ** rho for i in range(n)]
