@@ -37,7 +37,8 @@ DIFFUSERS_CONFIGS = {
     "unipc order3": ("UniPCMultistepScheduler", {"solver_order": 3}),
 }
 OURS = {"ours dpm++2M logSNR": (2, "logSNR"), "ours dpm++2M karras": (2, "karras"),
-        "ours dpm++2M time_uniform": (2, "time_uniform"), "ours dpm++3M logSNR": (3, "logSNR")}
+        "ours dpm++2M time_uniform": (2, "time_uniform"), "ours dpm++3M logSNR": (3, "logSNR"),
+        "ours dpm++3M time_uniform": (3, "time_uniform"), "ours dpm++3M karras": (3, "karras")}
 
 
 def diffusers_available():

@@ -96,9 +96,37 @@ def run(ckpt, samplers, nfes, cfgs, num_samples, seed, out, time_spacing=None, b
     return records
 
 
+def markdown_table(path):
+    """The records of a JSONL file as one markdown table per (checkpoint, cfg): a row per sampler, a column
+    per NFE, cells "FD / accuracy" (the counted NFE in brackets where it differs from the column's)."""
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    lines = []
+    for ckpt in dict.fromkeys(r["ckpt"] for r in recs):
+        for cfg in sorted({r["cfg"] for r in recs if r["ckpt"] == ckpt}):
+            rows = [r for r in recs if r["ckpt"] == ckpt and r["cfg"] == cfg]
+            nfes = sorted({r["nfe_target"] for r in rows})
+            n = rows[0]["num_samples"]
+            lines += ["", f"{rows[0]['method']}, cfg {cfg:g}, {n} samples: FD / class accuracy ({ckpt})", "",
+                      "| sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
+                      "|---|" + "---|" * len(nfes)]
+            label = lambda r: r["sampler"] + (f" {r['time_spacing']}" if r.get("time_spacing") else "")  # noqa: E731
+            for name in dict.fromkeys(map(label, rows)):
+                cells = []
+                for k in nfes:
+                    r = next((r for r in rows if label(r) == name and r["nfe_target"] == k), None)
+                    if r is None:
+                        cells.append("")
+                        continue
+                    extra = f" ({r['nfe']})" if r["nfe"] != k else ""
+                    cells.append(f"{r['fd']:.1f} / {r['accuracy']:.3f}{extra}")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt", default=None)
     p.add_argument("--samplers", nargs="*", default=None, help="default: every sampler of the method")
     p.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20, 50, 250])
     p.add_argument("--cfg", nargs="+", type=float, default=[1.0])
@@ -106,7 +134,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-spacing", default=None, help="dpm++ grid (default: the method's)")
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--table", default=None, metavar="JSONL", help="print the markdown tables of a results file and exit")
     a = p.parse_args(argv)
+    if a.table:
+        print(markdown_table(a.table))
+        return
+    if not a.ckpt:
+        p.error("--ckpt is required (or --table JSONL)")
     run(a.ckpt, a.samplers, a.nfe, a.cfg, a.num_samples, a.seed, a.out, a.time_spacing)
 
 

@@ -11,7 +11,7 @@ sit: "ode" (dopri5 with torchdiffeq, else built-in heun; 250 steps) or "sde" (Eu
 "sigma", last step "Mean" 0.04, 250 steps); maskdit / sddit: "edm" (Heun, 40 steps = 79 NFE, sigma in
 [0.002, 80], rho 7, S_churn 0). Every method also has "dpm++": DPM-Solver++ multistep (dit_models/multistep.py),
 one network evaluation per step, 20 steps unless --num-sampling-steps says otherwise (--solver-order 1/2/3,
---time-spacing logSNR|karras|time_uniform for ddpm and sit; EDM uses its own sigma grid). Guidance: --cfg-scale (1 = off) on all channels of eps / velocity / F by
+--time-spacing time_uniform (default) | logSNR | karras for ddpm and sit; EDM uses its own sigma grid). Guidance: --cfg-scale (1 = off) on all channels of eps / velocity / F by
 default; --guided-channels 3 reproduces the public DiT/SiT 3-channel guidance (needed for FID 2.27 / 2.06).
 """
 import argparse

@@ -98,7 +98,7 @@ def test_dpm_solver_options_and_nfe(checkpoints):
     """--sampler dpm++ defaults to 20 steps = 20 network evaluations (one per step, CFG on the 2B batch)."""
     p = sample.get_parser()
     opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "dpm++"]), "ddpm")
-    assert (opts["num_sampling_steps"], opts["solver_order"], opts["time_spacing"]) == (20, 2, "logSNR")
+    assert (opts["num_sampling_steps"], opts["solver_order"], opts["time_spacing"]) == (20, 2, "time_uniform")
     assert generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "dpm++"]), "sit")["time_spacing"] \
         == "time_uniform"
     with pytest.raises(ValueError, match="does not apply"):

@@ -371,7 +371,7 @@ class GaussianDiffusion:
         return ts
 
     def dpm_solver_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                               device=None, progress=False, num_steps=20, order=2, time_spacing="logSNR",
+                               device=None, progress=False, num_steps=20, order=2, time_spacing="time_uniform",
                                denoise_final=True, timesteps=None, generator=None):
         """DPM-Solver++ (Lu et al. 2022; 2M by default) with ONE network evaluation per step. Returns x_0.
 
@@ -385,7 +385,8 @@ class GaussianDiffusion:
                 ddim_sample_loop (the generator only draws the initial noise).
             num_steps: network evaluations (NFE).
             order: 1 (= DDIM on the same grid), 2 (DPM-Solver++(2M)) or 3 (3M).
-            time_spacing: "logSNR" (default), "karras" or "time_uniform" (solver_timesteps).
+            time_spacing: "time_uniform" (default; the best of the three on the digits DiT, docs/results.md),
+                "logSNR" or "karras" (solver_timesteps).
             denoise_final: end with a step to sigma = 0 (x0_hat, as DDPM/DDIM); else stop at t_min = 0.
             timesteps: explicit decreasing model times to evaluate at (overrides num_steps/time_spacing);
                 with denoise_final=False the last entry is the end point, not evaluated.
