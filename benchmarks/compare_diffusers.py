@@ -83,7 +83,7 @@ def guided_eps(model, cfg_scale):
 
 def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
     from dit_models.diffusion import create_diffusion
-    from dit_models.evaluate import score_samples
+    from dit_models.metrics import score_samples
     from dit_models.generation import load_model_for_sampling
 
     torch.set_grad_enabled(False)

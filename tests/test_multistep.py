@@ -88,8 +88,17 @@ def _ddpm_errors(order, spacing, steps=(40, 80), denoise_final=False):
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
-@pytest.mark.parametrize("spacing", ["logSNR", "karras"])
+@pytest.mark.parametrize("spacing", ["time_uniform", "logSNR", "karras"])
 def test_ddpm_dpm_solver_order_of_convergence(order, spacing):
+    if spacing == "time_uniform":
+        # Uniform in t on the linear schedule puts its largest log-SNR steps at the noise end: the error
+        # reaches its asymptotic order only from about 100 steps (40 -> 80 gains 3.1x at order 2, 2.4x at
+        # order 3; 160 -> 320: 4.0x and 6.6x). The sampler's default nonetheless: on real models what matters
+        # is the sample quality at 10-20 steps, where it scored best (docs/results.md).
+        e160, e320 = _ddpm_errors(order, spacing, steps=(160, 320))
+        assert e160 / e320 > MIN_GAIN[order], (e160, e320)
+        assert e320 < {1: 0.02, 2: 5e-3, 3: 5e-3}[order]
+        return
     e40, e80 = _ddpm_errors(order, spacing)
     assert e40 / e80 > MIN_GAIN[order], (e40, e80)
     assert e80 < {1: 0.05, 2: 5e-3, 3: 5e-4}[order]
