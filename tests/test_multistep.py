@@ -49,6 +49,18 @@ def test_plan_order_one_is_ddim_and_orders_reduce_at_the_ends():
         dpm_solver_plan(alphas[1:-1][::-1], sigmas[1:-1][::-1])
 
 
+def test_3m_takes_the_2m_update_on_a_much_longer_step():
+    """A step more than MAX_3M_STEP_RATIO times the previous (in log-SNR) uses the 2M coefficients."""
+    from dit_models.multistep import MAX_3M_STEP_RATIO
+
+    lams = [-2.0, -1.5, -1.0, -0.5, -0.5 + 0.5 * MAX_3M_STEP_RATIO * 0.99, 3.0]  # last step 4.5 / 0.5 = 9x
+    alphas = [1 / math.sqrt(1 + math.exp(-2 * lam)) for lam in lams]
+    sigmas = [a * math.exp(-lam) for a, lam in zip(alphas, lams)]
+    p3, p2 = dpm_solver_plan(alphas, sigmas, order=3), dpm_solver_plan(alphas, sigmas, order=2)
+    assert p3[2][1][2] != 0 and p3[3][1][2] != 0  # equal steps, and a step just under the ratio: 3M
+    assert p3[4] == p2[4] and p3[4][1][2] == 0     # 9x the previous step: 2M
+
+
 @pytest.mark.parametrize("order", [1, 3])
 def test_plan_step_is_exact_for_polynomial_predictions(order):
     """With its full history, an order-k step integrates x_hat = a polynomial of degree k - 1 in lambda exactly.
