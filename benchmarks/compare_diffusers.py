@@ -81,12 +81,12 @@ def guided_eps(model, cfg_scale):
     return eps
 
 
+@torch.no_grad()  # a context, not torch.set_grad_enabled(False): callers (tests) keep autograd
 def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
     from dit_models.diffusion import create_diffusion
     from dit_models.metrics import score_samples
     from dit_models.generation import load_model_for_sampling
 
-    torch.set_grad_enabled(False)
     model, method, margs = load_model_for_sampling(ckpt, device="cpu")
     if method != "ddpm":
         raise ValueError(f"{ckpt} is a {method} checkpoint; the diffusers anchor needs a DiT (ddpm) one")

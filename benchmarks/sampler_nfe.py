@@ -60,8 +60,8 @@ def sampler_opts(method, name, nfe, time_spacing=None):
     return o
 
 
+@torch.no_grad()  # a context, not torch.set_grad_enabled(False): callers (tests) keep autograd
 def run(ckpt, samplers, nfes, cfgs, num_samples, seed, out, time_spacing=None, batch_size=1000):
-    torch.set_grad_enabled(False)
     model, method, margs = load_model_for_sampling(ckpt, device="cpu")
     calls = []
     model.x_embedder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))

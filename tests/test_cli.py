@@ -241,6 +241,7 @@ def test_sampler_nfe_benchmark_counts_resumes_and_tabulates(checkpoints, cache_d
     assert [(r["sampler"], r["cfg"], r["nfe"]) for r in recs] == [("dpm++2", 1.0, 4), ("heun", 1.0, 4),
                                                                  ("dpm++2", 2.0, 4), ("heun", 2.0, 4)]
     assert bench.run(checkpoints["sit"], ["dpm++2", "heun"], [4], [1.0, 2.0], 20, 0, out) == []  # resumed
+    assert torch.is_grad_enabled()  # the benchmark must not switch autograd off for the rest of the process
     table = bench.markdown_table(out)
     assert "sit, cfg 2, 20 samples" in table and "| dpm++2 time_uniform |" in table and "| heun |" in table
 
