@@ -11,10 +11,11 @@ not comparable with ImageNet numbers.
 
 By default a checkpoint gets the report the quickstart prints (dit_models.metrics.digits_report): the
 Frechet distance at cfg 1 (fidelity: guidance trades closeness to the data for adherence) and the class
-accuracy at cfg 3 (adherence), 300 samples each, with the method's evaluation sampler (the in-training
-sampler, sampler_defaults(fast=True)); any sampler flag overrides it, and --cfg-scale scores one setting.
+accuracy at cfg 3 (adherence), 2000 samples each, with the evaluation sampler (the in-training sampler,
+sampler_defaults(fast=True): DPM-Solver++(2M), 20 NFE, for every method); any sampler flag overrides it
+(--sampler alone selects that sampler's published settings), and --cfg-scale scores one setting.
 
-    python -m dit_models.evaluate --ckpt results/000-sit-SiT-S-2/checkpoints/0002000.pt
+    python -m dit_models.evaluate --ckpt results/000-sit-SiT-S-4/checkpoints/0008000.pt
     python -m dit_models.evaluate --ckpt ... --cfg-scale 1.5 --num-samples 1000 --num-sampling-steps 250
     python -m dit_models.evaluate --npz samples.npz          # arr_0 uint8 (N, H, W, 3|1) + labels (N,)
 """

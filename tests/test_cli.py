@@ -251,3 +251,17 @@ def test_compare_diffusers_skips_cleanly_without_diffusers(monkeypatch, capsys):
     monkeypatch.setattr(bench, "diffusers_available", lambda: False)
     assert bench.main(["--ckpt", "unused.pt"]) == []
     assert "diffusers is not installed" in capsys.readouterr().err
+
+
+def test_fast_sampler_is_dpm_solver_and_another_sampler_gets_its_published_settings():
+    p = sample.get_parser()
+    for method in ("ddpm", "sit", "maskdit", "sddit"):
+        opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x"]), method, fast=True)
+        assert (opts["sampler"], opts["num_sampling_steps"], opts["solver_order"]) == ("dpm++", 20, 2)
+        assert generation.sampler_nfe(method, opts) == 20
+    opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "ddpm"]), "ddpm", fast=True)
+    assert (opts["sampler"], opts["num_sampling_steps"]) == ("ddpm", 250)
+    opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "edm", "--num-sampling-steps",
+                                                           "18"]), "maskdit", fast=True)
+    assert (opts["sampler"], opts["num_sampling_steps"], generation.sampler_nfe("maskdit", opts)) == ("edm", 18, 35)
+    assert generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x"]), "sit")["sampler"] == "ode"  # published

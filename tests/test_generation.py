@@ -19,16 +19,17 @@ def _model(method):
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 @pytest.mark.parametrize("method, opts", [
-    ("ddpm", dict(num_sampling_steps=5)),
+    ("ddpm", dict(sampler="ddpm", num_sampling_steps=5)),
     ("ddpm", dict(sampler="ddim", num_sampling_steps=4)),
     ("ddpm", dict(sampler="dpm++", num_sampling_steps=5, solver_order=3, time_spacing="logSNR")),
     ("sit", dict(num_sampling_steps=6)),                          # fast default: DPM-Solver++(2M)
     ("sit", dict(sampler="ode", sampling_method="heun", num_sampling_steps=6)),
     ("sit", dict(sampling_method="euler", num_sampling_steps=6)),
     ("sit", dict(sampler="sde", sampling_method="Euler", num_sampling_steps=6)),
-    ("maskdit", dict(num_sampling_steps=4)),
+    ("maskdit", dict(sampler="edm", num_sampling_steps=4)),
     ("maskdit", dict(sampler="dpm++", num_sampling_steps=4, solver_order=2)),
-    ("sddit", dict(num_sampling_steps=3)),
+    ("sddit", dict(sampler="edm", num_sampling_steps=3)),
+    ("sddit", dict(num_sampling_steps=3)),                        # fast default: DPM-Solver++(2M)
 ])
 def test_network_evaluations_match_sampler_nfe(method, opts, cfg_scale):
     model = _model(method)
