@@ -9,8 +9,9 @@ from tqdm.auto import tqdm
 SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm++"), "sit": ("ode", "sde", "dpm++"), "maskdit": ("edm", "dpm++"),
             "sddit": ("edm", "dpm++")}
 # --sampler dpm++ (DPM-Solver++ multistep, dit_models/multistep.py): one network evaluation per step.
-# Time grids: uniform in t for DDPM (as diffusers' default "linspace"; on the digits DiT it beat uniform-logSNR
-# and Karras at 10 and 20 NFE, docs/results.md) and for SiT; EDM steps on its own Karras sigma grid (rho 7).
+# Time grids: uniform in t for DDPM (evaluations from T - 1 down to t = 0, then the step to clean data; on the
+# digits DiT it beat uniform-logSNR and Karras grids at 10 and 20 NFE, docs/results.md) and for SiT; EDM steps
+# on its own Karras sigma grid (rho 7).
 DPM_DEFAULTS = {"num_sampling_steps": 20, "solver_order": 2,
                 "time_spacing": {"ddpm": "time_uniform", "sit": "time_uniform", "maskdit": None, "sddit": None}}
 
