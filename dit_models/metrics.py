@@ -173,7 +173,7 @@ def evaluate_model(method, model, num_samples=500, cfg_scale=1.0, method_args=No
 
 # The digits report: what the quickstart prints and `python -m dit_models.evaluate` computes by default.
 # Each number at the guidance where it means something: the Frechet distance measures closeness to the
-# data, which guidance trades away for class adherence (on the quickstart SiT: FD 10 at cfg 1, 96 at
+# data, which guidance trades away for class adherence (on the quickstart SiT: FD 10 at cfg 1, 78 at
 # cfg 3), so it is taken at cfg 1; class accuracy measures adherence, which saturates near cfg 3.
 REPORT_NUM_SAMPLES = 2000  # FD is biased upwards at small N: 1000 samples read about 0.7 higher
 FIDELITY_CFG = 1.0
