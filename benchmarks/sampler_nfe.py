@@ -36,16 +36,13 @@ SAMPLERS = {
 
 def sampler_opts(method, name, nfe, time_spacing=None):
     """Sampler options that spend about `nfe` network evaluations."""
-    o = sampler_defaults(method, fast=False)
-    if name.startswith("dpm++"):
-        o.update(sampler="dpm++", num_sampling_steps=nfe, solver_order=int(name[-1]))
+    if name.startswith("dpm++"):  # the fast defaults are DPM-Solver++'s, with the method's time grid
+        o = sampler_defaults(method, fast=True)
+        o.update(num_sampling_steps=nfe, solver_order=int(name[-1]))
         if time_spacing:
             o["time_spacing"] = time_spacing
-        elif method in ("ddpm", "sit"):
-            from dit_models.generation import DPM_DEFAULTS
-
-            o["time_spacing"] = DPM_DEFAULTS["time_spacing"][method]
         return o
+    o = sampler_defaults(method, fast=False)
     if method == "ddpm":
         o.update(sampler=name, num_sampling_steps=nfe)
     elif method == "sit":

@@ -85,10 +85,13 @@ def add_sampler_args(parser):
 def sampler_opts_from_args(args, method, fast=False):
     """Method defaults overridden by the sampler flags that were given."""
     opts = sampler_defaults(method, fast=fast)
-    if getattr(args, "sampler", None) not in (None, opts["sampler"]):
-        opts = sampler_defaults(method, fast=False)  # another sampler than the fast one: its published settings
-    for k in ("sampler", "num_sampling_steps", "ddim_eta", "sampling_method", "atol", "rtol", "diffusion_form",
-              "diffusion_norm", "last_step_size", "S_churn", "sigma_min", "sigma_max", "rho"):
+    requested = getattr(args, "sampler", None)
+    if requested not in (None, opts["sampler"]):
+        # Another sampler than the default one starts from its own settings: DPM-Solver++'s are the fast
+        # defaults, every other sampler's the published ones.
+        opts = sampler_defaults(method, fast=requested == "dpm++")
+    for k in ("sampler", "num_sampling_steps", "solver_order", "time_spacing", "ddim_eta", "sampling_method", "atol",
+              "rtol", "diffusion_form", "diffusion_norm", "last_step_size", "S_churn", "sigma_min", "sigma_max", "rho"):
         v = getattr(args, k, None)
         if v is not None:
             opts[k] = v
@@ -96,11 +99,6 @@ def sampler_opts_from_args(args, method, fast=False):
         opts["last_step"] = None if args.last_step.lower() == "none" else args.last_step
     if opts["sampler"] not in SAMPLERS[method]:
         raise ValueError(f"--sampler {opts['sampler']} does not apply to --method {method}; choose from {SAMPLERS[method]}")
-    if opts["sampler"] == "dpm++":
-        if getattr(args, "num_sampling_steps", None) is None:
-            opts["num_sampling_steps"] = DPM_DEFAULTS["num_sampling_steps"]
-        opts["solver_order"] = getattr(args, "solver_order", None) or DPM_DEFAULTS["solver_order"]
-        opts["time_spacing"] = getattr(args, "time_spacing", None) or DPM_DEFAULTS["time_spacing"][method]
     if method == "sit" and "sampler" in opts and opts["sampler"] == "sde" and getattr(args, "sampling_method", None) is None:
         opts["sampling_method"] = "Euler"
     opts["guided_channels"] = getattr(args, "guided_channels", None)
