@@ -6,6 +6,7 @@ registered as the CPU kernels of every dit_kernels op: the CPU tests then exerci
 import functools
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,14 +28,23 @@ EMULATE_CUDA = os.environ.get("DIT_EMULATE_CUDA", "") == "1"
 cpu_kernel_only = pytest.mark.skipif(EMULATE_CUDA, reason="CPU-kernel behaviour; the emulated CUDA kernel differs")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_repo_file(relative_path, name):
+    """A repository file that is not part of a package (scripts/, benchmarks/, tests/cuda_emu/), imported by
+    path under `name` (registered in sys.modules, which dataclasses in it need)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.lru_cache(maxsize=None)  # one module: it holds the override registration alive
 def cuda_emulation():
     """The tests/cuda_emu/build.py module (builds and loads the emulated CUDA kernels on demand)."""
-    path = Path(__file__).parent / "cuda_emu" / "build.py"
-    spec = importlib.util.spec_from_file_location("dit_cuda_emu_build", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_file("tests/cuda_emu/build.py", "dit_cuda_emu_build")
 
 
 def pytest_configure(config):

@@ -6,24 +6,20 @@ under random cotangents is nonzero; integer inputs are read whole) + bytes of ev
 Backward: every cotangent, the forward tensors the case declares its backward re-reads
 (`bwd_reads`), every input gradient that is not a cotangent passed through.
 """
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, load_repo_file
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = REPO / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench_ops():
     sys.path.insert(0, str(BENCH))  # bench_ops imports its sibling `common`
     try:
-        spec = importlib.util.spec_from_file_location("bench_ops_under_test", BENCH / "bench_ops.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
+        yield load_repo_file("benchmarks/bench_ops.py", "bench_ops_under_test")
     finally:
         sys.path.remove(str(BENCH))
 

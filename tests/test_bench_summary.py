@@ -1,15 +1,9 @@
 """The benchmark summary table (benchmarks/summary.py): GB/s per provider, the kernel's ratios, model rows apart."""
-import importlib.util
-import os
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_repo_file
 
 
 def _summary():
-    spec = importlib.util.spec_from_file_location("bench_summary", os.path.join(ROOT, "benchmarks", "summary.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_file("benchmarks/summary.py", "bench_summary")
 
 
 def test_summary_rows_and_ratios():

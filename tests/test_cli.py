@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_repo_file
 from dit_models import evaluate, generation, metrics, sample, sample_ddp, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,18 +225,8 @@ def test_bf16_training_step(tmp_path):
     assert np.isfinite(out["final_loss"]) and next(out["model"].parameters()).dtype == torch.float32
 
 
-def _benchmark_script(name):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name + ".py")
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_sampler_nfe_benchmark_counts_resumes_and_tabulates(checkpoints, cache_dir, tmp_path):
-    bench = _benchmark_script("sampler_nfe")
+    bench = load_repo_file("benchmarks/sampler_nfe.py", "_bench_sampler_nfe")
     out = str(tmp_path / "nfe.jsonl")
     recs = bench.run(checkpoints["sit"], ["dpm++2", "heun"], [4], [1.0, 2.0], 20, 0, out)
     assert [(r["sampler"], r["cfg"], r["nfe"]) for r in recs] == [("dpm++2", 1.0, 4), ("heun", 1.0, 4),
@@ -247,7 +238,7 @@ def test_sampler_nfe_benchmark_counts_resumes_and_tabulates(checkpoints, cache_d
 
 
 def test_compare_diffusers_skips_cleanly_without_diffusers(monkeypatch, capsys):
-    bench = _benchmark_script("compare_diffusers")
+    bench = load_repo_file("benchmarks/compare_diffusers.py", "_bench_compare_diffusers")
     monkeypatch.setattr(bench, "diffusers_available", lambda: False)
     assert bench.main(["--ckpt", "unused.pt"]) == []
     assert "diffusers is not installed" in capsys.readouterr().err

@@ -4,26 +4,14 @@ The compiled cases need nvcc and nvdisasm/cuobjdump (the CUDA install, or the co
 wheel of a CUDA build of torch) and skip without them; CI runs them in the CUDA environment of
 .ci/run. The parsing and model helpers are tested everywhere.
 """
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO, load_repo_file
 
-REPO = Path(__file__).resolve().parents[1]
 KNOWN = REPO / "tests" / "fixtures" / "kernel_report_known.cu"
 
-
-def _load_report():
-    spec = importlib.util.spec_from_file_location("kernel_report", REPO / "scripts" / "kernel_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kernel_report"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-kr = _load_report()
+kr = load_repo_file("scripts/kernel_report.py", "kernel_report")
 
 
 def _have_tools():
