@@ -277,13 +277,13 @@ def demangle(names):
     return {n: n for n in names}
 
 
-def split_template_args(s):
-    """'a, b<c, d>, e' -> ['a', 'b<c, d>', 'e']."""
+def split_top_level(s, opening, closing):
+    """Split at the commas outside brackets: ('a, b<c, d>, e', '<(', '>)') -> ['a', 'b<c, d>', 'e']."""
     out, depth, cur = [], 0, ""
     for ch in s:
-        if ch in "<(":
+        if ch in opening:
             depth += 1
-        elif ch in ">)":
+        elif ch in closing:
             depth -= 1
         if ch == "," and depth == 0:
             out.append(cur.strip())
@@ -313,7 +313,7 @@ def short_name(demangled):
     if not m:
         return head, []
     name = m.group(1)
-    args = split_template_args(m.group(2)) if m.lastindex and m.lastindex >= 2 else []
+    args = split_top_level(m.group(2), "<(", ">)") if m.lastindex and m.lastindex >= 2 else []
     args = [TYPE_NAMES.get(a, re.sub(r"^\((\w+)\)", "", a)) for a in args]
     return name, args
 
@@ -343,23 +343,6 @@ def is_global_access(ins):
     return ins.base in GLOBAL_LOADS | GLOBAL_STORES | GLOBAL_ATOMICS
 
 
-def split_operands(args):
-    out, depth, cur = [], 0, ""
-    for ch in args:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        out.append(cur.strip())
-    return out
-
-
 def _regs(token, width=1):
     """Registers named in an operand: R20 -> {R20}; R20.64 -> {R20, R21} (RZ/URZ dropped)."""
     out = set()
@@ -372,7 +355,7 @@ def _regs(token, width=1):
 
 def dests_srcs(ins):
     """(destination registers, source registers, constant-bank offsets) of an instruction."""
-    ops = split_operands(ins.args)
+    ops = split_top_level(ins.args, "[", "]")  # SASS operands: [R2.64+0x10] stays whole
     consts = {int(c, 16) for c in re.findall(r"c\[0x0\]\[(0x[0-9a-f]+)\]", ins.args)}
     if not ops:
         return set(), set(), consts
