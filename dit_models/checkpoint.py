@@ -1,4 +1,4 @@
-"""Loading DiT / SiT checkpoints (models.md §10-§11).
+"""Loading DiT / SiT checkpoints.
 
 Accepted inputs:
 - a raw state_dict (the released DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt, SiT-XL-2-256x256.pt);

@@ -237,7 +237,7 @@ class LatentDataset(torch.utils.data.Dataset):
     """Reads the shards written by extract_latents: per image the moments of [image, flipped image].
 
     Items: (moments (2, 2C, h, w), label). `augment` picks one of the two flips per sample and draws a fresh
-    posterior sample, so every epoch sees new latents (unlike a frozen single sample, diffusion_transport D4 #18).
+    posterior sample, so every epoch sees new latents (unlike fast-DiT's extractor, which freezes one flip and one sample per image).
     """
 
     in_memory = False

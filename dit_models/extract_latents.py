@@ -5,7 +5,7 @@
 
 For every image (ADM center crop) and its horizontal flip the VAE posterior **moments** (mean, logvar) are
 stored, not a sample: training draws the flip and z = 0.18215 (mean + exp(logvar / 2) eps) afresh every step
-(the frozen single flip + sample of fast-DiT's extractor is diffusion_transport D4 #18). Layout:
+(fast-DiT's extractor instead freezes one flip and one posterior sample per image for all epochs). Layout:
     meta.json                       num_images, num_classes, classes, latent_channels, latent_size, vae, scale
     moments_r{rank}_w{world}.npy    (n_r, 2, 2C, h, w) float16/float32 [image, flip] x [mean | logvar]
     labels_r{rank}_w{world}.npy     (n_r,) int64

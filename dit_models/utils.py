@@ -18,7 +18,7 @@ def setup_distributed(device_arg="auto"):
     """Initialises torch.distributed when launched by torchrun (WORLD_SIZE > 1).
 
     Returns (rank, world_size, local_rank, device). The device is the *local* GPU (LOCAL_RANK), which also
-    works across nodes (the reference DiT used the global rank, diffusion_transport D4 #15). Backend: nccl on
+    works across nodes (the reference DiT used the global rank, which breaks on more than one node). Backend: nccl on
     CUDA, gloo on CPU so a 2-process run works on a laptop.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))

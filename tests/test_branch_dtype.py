@@ -1,5 +1,5 @@
 """Branch dtype of the adaLN ops: an fp32 residual stream x with fp16/bf16 y, h and their grads
-(the layout of bf16 autocast training; kernels.md §2.2-2.3, csrc/common.h DIT_DISPATCH_BRANCH_TYPES).
+(the layout of bf16 autocast training; csrc/common.h DIT_DISPATCH_BRANCH_TYPES).
 
 The mixed kernels must compute exactly what the fp32 kernels compute on the upcast branch tensors,
 rounded once to the branch dtype: that is checked bit for bit (same fp32 arithmetic, one rounding),

@@ -1,4 +1,4 @@
-"""DiT Gaussian diffusion: respacing vectors, tables, hybrid loss, DDPM / DDIM sampling (spec Part A, E1-E2)."""
+"""DiT Gaussian diffusion: respacing vectors, tables, hybrid loss, DDPM / DDIM sampling (the improved-diffusion code that DiT ships)."""
 import math
 
 import numpy as np
@@ -125,7 +125,7 @@ def test_vb_gradient_reaches_only_variance_channels():
 
 
 def test_vb_kl_formula_and_decoder_nll():
-    """vb for t > 0 equals the spec's closed-form KL in bits; t = 0 uses the discretized decoder."""
+    """vb for t > 0 equals the closed-form Gaussian KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits; t = 0 uses the discretized decoder."""
     d = create_diffusion("")
     torch.manual_seed(1)
     x0 = torch.rand(2, 4, 2, 2) * 2 - 1
@@ -168,7 +168,7 @@ def test_spaced_model_sees_original_steps():
 # For x0 ~ N(mu, s^2) per element, x_t = a x0 + b eps (a = sqrt(abar_t), b = sqrt(1 - abar_t)) is
 # Gaussian and E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2) exactly. Every sampler step is then
 # affine in x plus Gaussian noise, so the distribution of the output is Gaussian with a mean and
-# variance that the test propagates in float64 from the spec's update equations (independently of
+# variance that the test propagates in float64 from the published DDPM / DDIM update equations (independently of
 # the library code). The sample statistics must match that prediction within sampling error
 # (5 standard errors), and the prediction must be close to the target itself (the sampler's
 # discretization error, small for 50 steps).

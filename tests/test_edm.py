@@ -1,4 +1,4 @@
-"""EDM invariants (diffusion_transport.md Part C / E5): preconditioning, loss weight, schedule, Heun sampler."""
+"""EDM invariants: preconditioning, loss weight, schedule, Heun sampler."""
 import math
 
 import pytest

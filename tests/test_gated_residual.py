@@ -1,5 +1,4 @@
-"""gated_residual and gated_residual_modulated_layer_norm: compiled ops vs their references
-(kernels.md §2.3, style.md §2.5)."""
+"""gated_residual and gated_residual_modulated_layer_norm: compiled ops vs their references."""
 import pytest
 import torch
 

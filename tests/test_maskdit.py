@@ -1,4 +1,4 @@
-"""MaskDiT (maskdit_sddit.md Part 1): parameter counts, masking semantics, loss terms, fused vs unfused, CFG."""
+"""MaskDiT: parameter counts, masking semantics, loss terms, fused vs unfused, CFG."""
 import argparse
 import copy
 import math
@@ -296,7 +296,7 @@ def test_sampler_runs_with_cfg():
 def public_maskdit_layout(D, depth, Dd, decoder_depth, p, C, K, T, mlp_ratio=4):
     """Key -> shape of a released Anima-Lab/MaskDiT file: the EDMPrecond state dict, network under "model.".
 
-    Written from the layout facts (maskdit_sddit.md 1.1 shapes, models.md §10 DiT block keys), not from the
+    Written from the layout facts (the released MaskDiT shapes and DiT's block keys), not from the
     model code; the encoder->decoder bridge is the reference's `decoder_layer` (issue 13).
     """
     def block(prefix, w, cond):

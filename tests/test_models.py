@@ -1,4 +1,4 @@
-"""Functional tests for the DiT / SiT models and the checkpoint loader (models.md §14)."""
+"""Functional tests for the DiT / SiT models and the checkpoint loader."""
 import argparse
 import copy
 import json
@@ -16,7 +16,7 @@ from dit_models.models.sit import SiT, SiT_models
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
-# models.md §9: parameters at 256 px (input_size 32), p = 2 / 4 / 8, learn_sigma, 1001 label rows.
+# Parameter counts of the public models at 256 px (input_size 32), p = 2 / 4 / 8, learn_sigma, 1001 label rows.
 PARAM_COUNTS = {
     "S": (32_963_360, 32_945_024, 33_148_160),
     "B": (130_512_416, 130_475_648, 130_881_536),
@@ -110,7 +110,7 @@ def test_fused_flag_same_parameters():
 
 
 def _pos_formula(d, h, w):
-    """models.md §3.4 written out: [E1d(D/2, column j), E1d(D/2, row i)], E1d = [sin | cos]."""
+    """MAE's 2-D sin-cos table written out: [E1d(D/2, column j), E1d(D/2, row i)], E1d = [sin | cos]."""
     out = np.zeros((h * w, d))
     half, quarter = d // 2, d // 4
     for i in range(h):

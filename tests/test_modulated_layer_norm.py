@@ -1,4 +1,4 @@
-"""modulated_layer_norm: compiled op vs modulated_layer_norm_ref (kernels.md §2.2, style.md §2.5)."""
+"""modulated_layer_norm: compiled op vs modulated_layer_norm_ref."""
 import pytest
 import torch
 

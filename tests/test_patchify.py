@@ -1,5 +1,4 @@
-"""patchify / unpatchify: compiled ops are exact permutations, bit-identical to the references
-(kernels.md §2.1, style.md §2.5)."""
+"""patchify / unpatchify: compiled ops are exact permutations, bit-identical to the references."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""SiT samplers on an analytic Gaussian target (diffusion_transport.md B6-B8, D1, E4).
+"""SiT samplers on an analytic Gaussian target (ODE, SDE and likelihood samplers; the exact target makes errors measurable).
 
 Data x1 ~ N(mu, std^2 I) gives closed-form velocity/score/noise fields (dit_models.transport.analytic),
 plugged in as the "model". ODE results are compared per sample with the exact flow; SDE results by
@@ -264,7 +264,7 @@ def test_single_evaluation_step_equals_two_evaluation_reference(path, prediction
 
 
 def test_sit_default_sde_coefficients():
-    """kernels.md 2.5 / B7: velocity + Linear + sigma form, 249 EM steps of dt = 0.96 / 249, then Mean."""
+    """SiT's default SDE: velocity + Linear + sigma form, 249 EM steps of dt = 0.96 / 249, then Mean."""
     fn = Sampler(create_transport()).sample_sde(diffusion_form="sigma")
     dt = 0.96 / 249
     assert len(fn.coef_x) == 250 and fn.times[0] == 0.0 and fn.times[-1] == pytest.approx(0.96)
@@ -320,7 +320,7 @@ def _conditional_target(tr, num_classes=3):
 
 
 def _public_forward_with_cfg(model, guided_channels):
-    """models.md 8: the public 2B-batch forward_with_cfg, reproduced for the test."""
+    """The public 2B-batch forward_with_cfg (guidance on the first guided_channels, batch halves tied), reproduced for the test."""
 
     def forward_with_cfg(x, t, y, cfg_scale):
         half = x[: len(x) // 2]
@@ -375,7 +375,7 @@ def test_efficient_cfg_sde_step_is_fused_guidance(guided_channels):
     guided = torch.cat([(uncond + 4.0 * (cond - uncond))[:, :g], cond[:, g:]], dim=1)
     dt = 1.0  # grid [0, 1] with 2 points: a single step of size 1
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(9), dtype=z.dtype)
-    expected = (1 - dt) * z + (1 + 0.0) * dt * guided + math.sqrt(2 * 1.0 * dt) * noise  # kernels.md 2.5
+    expected = (1 - dt) * z + (1 + 0.0) * dt * guided + math.sqrt(2 * 1.0 * dt) * noise  # Euler-Maruyama: x + drift dt + sqrt(2 w dt) z
     torch.testing.assert_close(x, expected, atol=1e-12, rtol=1e-12)
 
 

@@ -1,4 +1,4 @@
-"""SD-DiT (maskdit_sddit.md Part 2): teacher EMA and gradients, decoder input, losses, schedules, counts."""
+"""SD-DiT: teacher EMA and gradients, decoder input, losses, schedules, counts."""
 import copy
 
 import pytest

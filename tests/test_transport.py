@@ -1,4 +1,4 @@
-"""SiT transport: paths, conversions, eps defaults, time intervals and training losses (diffusion_transport.md B)."""
+"""SiT transport: paths, conversions, eps defaults, time intervals and training losses."""
 import itertools
 
 import pytest

@@ -9,7 +9,7 @@ Only the first C = x.shape[1] channels of out are read (out may carry learned-si
 and may be any channel slice with a contiguous spatial block). Math in fp32 (fp64 for fp64 x);
 outputs in x.dtype; out may have another float dtype than x (e.g. bf16 out with fp32 x).
 
-Noise (kernels.md §2.5) when `noise` is None:
+Noise when `noise` is None:
 - CPU: z = torch.randn(x.shape, dtype=acc, generator=generator), exactly like the reference,
   so equal generator state gives equal results.
 - CUDA: in-kernel Philox4x32-10 keyed by the CUDA generator's (seed, offset); each call

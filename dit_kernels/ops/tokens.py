@@ -4,7 +4,7 @@ Convention (MaskDiT): ids_keep (N, K) int64 holds K distinct token positions per
 ids_restore (N, T) is the inverse of the per-sample shuffle, so position t is kept iff
 ids_restore[n, t] < K; mask (N, T) is 1 for removed tokens.
 
-Compiled ops (kernels.md §2.4): rows are copied whole (no (N, K, D) int64 index tensor), every
+Compiled ops: rows are copied whole (no (N, K, D) int64 index tensor), every
 output row has exactly one writer (no atomics, deterministic), and the broadcast mask-token
 gradient is an fp32 sum over removed rows in a fixed order.
 

@@ -1,4 +1,4 @@
-"""DiT's Gaussian diffusion: one factory, create_diffusion (diffusion_transport.md Part A).
+"""DiT's Gaussian diffusion: one factory, create_diffusion.
 
 Typical use:
     diffusion = create_diffusion("")       # training: all 1000 steps, hybrid loss

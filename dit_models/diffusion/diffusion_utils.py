@@ -1,4 +1,4 @@
-"""Gaussian KL and the discretized-Gaussian decoder likelihood (diffusion_transport.md §A4)."""
+"""Gaussian KL and the discretized-Gaussian decoder likelihood."""
 import math
 
 import torch
@@ -31,7 +31,7 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales):
     """log-likelihood of x in [-1, 1] under a Gaussian discretized to 256 bins of width 2/255.
 
     The edge bins are open (x < -0.999 integrates from -inf, x > 0.999 to +inf). Written for
-    8-bit pixels; DiT applies it to latents at t = 0 (kept for parity, spec D4 #21).
+    8-bit pixels; DiT applies it to latents at t = 0 (a pixel-space decoder on latents, kept for parity with DiT).
     Returns log-probabilities in nats with the shape of x.
     """
     centered_x = x - means

@@ -1,4 +1,4 @@
-"""Timestep respacing (diffusion_transport.md §A5): run a diffusion over a subset of the steps."""
+"""Timestep respacing: run a diffusion over a subset of the steps."""
 import numpy as np
 import torch
 

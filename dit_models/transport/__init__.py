@@ -1,4 +1,4 @@
-"""SiT transport (continuous-time interpolants) and its samplers (diffusion_transport.md Part B).
+"""SiT transport (continuous-time interpolants) and its samplers.
 
     transport = create_transport("Linear", "velocity")          # SiT defaults
     loss = transport.training_losses(model, x1, dict(y=y))["loss"].mean()

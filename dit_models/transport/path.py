@@ -1,4 +1,4 @@
-"""Interpolation paths x_t = alpha_t * x1 + sigma_t * x0 of SiT (diffusion_transport.md B1, B2, B5).
+"""Interpolation paths x_t = alpha_t * x1 + sigma_t * x0 of SiT.
 
 t = 0 is noise (x0 ~ N(0, I)), t = 1 is data (x1). Every method takes t as a tensor (any shape, any
 device and float dtype) and returns a tensor of the same shape, so the same code gives per-sample

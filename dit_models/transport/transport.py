@@ -1,6 +1,6 @@
 """SiT transport: prediction types, loss weights, time intervals, training loss and conversions.
 
-diffusion_transport.md B3-B5. The conversions between velocity, score and noise are all affine in
+The conversions between velocity, score and noise are all affine in
 (x, network output) with coefficients that depend on t only, so they are exposed as coefficient
 pairs (a, b) meaning  quantity = a * x + b * out.  The samplers build every update (ODE drift, SDE
 drift v + D * s, last steps) from these pairs with ONE network evaluation per drift (fix D1#1).
@@ -243,7 +243,7 @@ class Transport:
 
 def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None,
                      sample_eps=None):
-    """Build a Transport with SiT's choices (diffusion_transport.md B3, B4).
+    """Build a Transport with SiT's choices (prediction, loss weight, train/sample eps defaults).
 
     Args:
         path_type: "Linear" (default), "GVP" or "VP".
