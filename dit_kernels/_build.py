@@ -10,6 +10,7 @@ file by path before the package is importable.
 """
 import glob
 import hashlib
+import logging
 import os
 import shlex
 import subprocess
@@ -64,15 +65,36 @@ def want_cuda():
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True, "FORCE_CUDA=1"
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME
 
     if torch.version.cuda is None:
         return False, "torch is a CPU build"
-    if CUDA_HOME is None:
+    cuda_home = cpp_extension().CUDA_HOME
+    if cuda_home is None:
         return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
     if not torch.cuda.is_available():
         return False, "no visible GPU (FORCE_CUDA=1 builds the CUDA kernels anyway)"
-    return True, f"CUDA torch {torch.version.cuda}, nvcc in {CUDA_HOME}, a visible GPU"
+    return True, f"CUDA torch {torch.version.cuda}, nvcc in {cuda_home}, a visible GPU"
+
+
+class _DropNoCudaRuntime(logging.Filter):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is first
+    imported on a machine with nvcc but no GPU: on every command of a CPU user, and it says nothing they
+    can act on (want_cuda() gives the decision and the reason in `python -m dit_kernels.info`)."""
+
+    def filter(self, record):
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+def cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" warning."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    drop = _DropNoCudaRuntime()
+    logger.addFilter(drop)
+    try:
+        from torch.utils import cpp_extension as module
+    finally:
+        logger.removeFilter(drop)
+    return module
 
 
 # ---- libstdc++ ---------------------------------------------------------------------------------
@@ -168,14 +190,16 @@ def jit_cache_dir(cuda):
     root = os.environ.get("DIT_KERNELS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dit_kernels")
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{'cuda' if cuda else 'cpu'}"
-    return os.path.join(root, f"{tag}-{sources_digest()}".replace("+", "_"))
+    # Two checkouts of the same sources get two folders: ninja's build file names the source paths, so
+    # sharing one folder made each checkout's import rebuild everything the other had built.
+    where = hashlib.sha256(os.path.realpath(csrc_dir()).encode()).hexdigest()[:6]
+    return os.path.join(root, f"{tag}-{sources_digest()}-{where}".replace("+", "_"))
 
 
 def build_jit(verbose=True):
     """Compile dit_kernels._C against the running torch with ninja (cached; torch's FileBaton lock in
     the build folder keeps two processes from building at once) and load it. Returns the library path."""
-    from torch.utils.cpp_extension import load
-
+    load = cpp_extension().load
     csrc = csrc_dir()
     if csrc is None:
         raise RuntimeError("the C++ sources (csrc/) are not installed beside dit_kernels")
@@ -190,10 +214,16 @@ def build_jit(verbose=True):
         print(f"dit_kernels: compiling the {'C++ and CUDA' if cuda else 'C++'} kernels for this torch ({why}); "
               f"first import only, about 2 minutes on 2 cores (4-8 with CUDA) -> {build_dir}",
               file=sys.stderr, flush=True)
-    return load(name="dit_kernels_C", sources=sources(csrc, cuda), extra_cflags=cxx_flags(cuda),
+    start = time.time()
+    # The compiler's own lines stay quiet (DIT_KERNELS_VERBOSE=1 shows them); a failed build still
+    # raises with ninja's whole output in the message.
+    path = load(name="dit_kernels_C", sources=sources(csrc, cuda), extra_cflags=cxx_flags(cuda),
                 extra_cuda_cflags=nvcc_flags() if cuda else None, extra_ldflags=link_flags(),
-                build_directory=build_dir, verbose=verbose and first,
+                build_directory=build_dir, verbose=os.environ.get("DIT_KERNELS_VERBOSE", "0") == "1",
                 with_cuda=cuda, is_python_module=False)
+    if verbose and first:
+        print(f"dit_kernels: kernels compiled in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+    return path
 
 
 def _remove_stale_lock(path, max_age_s=3600):

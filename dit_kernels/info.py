@@ -3,6 +3,7 @@
 Importing dit_kernels loads the prebuilt library, or compiles it once against the running torch
 (then cached), so running this right after `pip install -e .` also does that first build visibly.
 """
+import argparse
 import os
 import sys
 
@@ -38,7 +39,13 @@ def report():
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(
+        prog="python -m dit_kernels.info",
+        description="Say what dit_kernels runs with: the torch build, the GPU, whether the compiled kernels "
+                    "loaded (compiling them on first use), which ops have CPU / CUDA kernels, and the settings "
+                    "that change it. Exit status 0 when the compiled kernels loaded, 1 when every op runs its "
+                    "PyTorch reference.").parse_args(argv)
     print(report())
     import dit_kernels
 

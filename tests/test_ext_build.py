@@ -77,3 +77,32 @@ def test_info_report_names_what_runs():
     text = report()
     for key in ("torch ", "kernels ", "cpu kernels", "CUDA build", "build cache"):
         assert key in text, text
+
+
+def test_two_checkouts_build_in_two_cache_folders(monkeypatch, tmp_path):
+    # Same sources, other paths: ninja's build file names the paths, so one shared folder rebuilt
+    # everything on every switch between the two checkouts.
+    monkeypatch.setattr(_build, "sources_digest", lambda csrc=None: "same-sources")
+    here = _build.jit_cache_dir(False)
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    monkeypatch.setattr(_build, "csrc_dir", lambda: str(copy))
+    assert _build.jit_cache_dir(False) != here
+    assert os.path.dirname(_build.jit_cache_dir(False)) == os.path.dirname(here)
+
+
+def test_import_is_quiet_about_a_missing_cuda_runtime():
+    # Where nvcc exists without a GPU, torch.utils.cpp_extension warns "No CUDA runtime is found" when it
+    # is imported: on every command of a CPU user. A compiled library loads from the cache here.
+    code = "import dit_kernels, torch.utils.cpp_extension as c; print('CUDA_HOME', c.CUDA_HOME)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "No CUDA runtime" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_info_help():
+    from dit_kernels.info import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
