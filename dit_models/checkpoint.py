@@ -18,7 +18,7 @@ import re
 
 import torch
 
-__all__ = ["CheckpointReadError", "load_checkpoint", "load_state_dict_strict", "read_checkpoint", "select_state_dict",
+__all__ = ["Checkpoint", "CheckpointReadError", "load_checkpoint", "load_state_dict_strict", "read_checkpoint", "select_state_dict",
            "infer_config_from_state_dict"]
 
 _PREFIXES = ("module.", "_orig_mod.")
@@ -146,6 +146,27 @@ def load_state_dict_strict(model, state_dict, hint=_hint):
     model.load_state_dict(state_dict, strict=True)
 
 
+class Checkpoint(dict):
+    """A checkpoint container (a plain dict) whose repr lists its parts instead of every tensor, so that
+    a notebook cell ending in load_checkpoint(...) prints a few lines."""
+
+    def __repr__(self):
+        if self and all(isinstance(v, torch.Tensor) for v in self.values()):  # a raw state dict
+            return f"Checkpoint(state dict: {len(self)} tensors, {sum(v.numel() for v in self.values()):,} values)"
+        parts = []
+        for key, value in self.items():
+            if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                n = sum(v.numel() for v in value.values())
+                parts.append(f"{key}: {len(value)} tensors, {n:,} values")
+            elif isinstance(value, (int, float, str)) or value is None:
+                parts.append(f"{key}: {value!r}")
+            elif key == "args" and isinstance(value, dict):
+                parts.append(f"args: {len(value)} settings" + (f" (method {value['method']!r})" if "method" in value else ""))
+            else:
+                parts.append(f"{key}: {type(value).__name__}")
+        return "Checkpoint(" + ", ".join(parts) + ")"
+
+
 def load_checkpoint(path_or_state, model, which="auto"):
     """Load DiT/SiT weights into `model`, strictly (every key mapped, every shape equal).
 
@@ -160,7 +181,7 @@ def load_checkpoint(path_or_state, model, which="auto"):
     """
     checkpoint = read_checkpoint(path_or_state)
     load_state_dict_strict(model, select_state_dict(checkpoint, which))
-    return checkpoint
+    return Checkpoint(checkpoint) if isinstance(checkpoint, dict) else checkpoint
 
 
 _HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # registry head counts by hidden size

@@ -93,7 +93,13 @@ def seed_everything(seed):
 
 
 def get_rng_states():
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch, numpy, Python (and CUDA) generator states, as tensors and plain Python values only, so
+    that a checkpoint holding them loads with torch.load's default weights_only=True."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    states = {"torch": torch.get_rng_state(),
+              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+              "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -103,7 +109,11 @@ def set_rng_states(states):
     if not states:
         return
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    numpy_state = states["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # a tuple with a numpy array in checkpoints written before 2026-12-03
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
