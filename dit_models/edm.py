@@ -265,6 +265,7 @@ def edm_dpm_solver_sampler(
     rho=7.0,
     order=2,                # 1 = EDM Euler, 2 = DPM-Solver++(2M), 3 = 3M
     return_nfe=False,
+    third_order="taylor",   # or "reference": diffusers' 3M (dit_models.multistep.dpm_solver_plan)
 ):
     """DPM-Solver++ (Lu et al. 2022) on EDM's grid: ONE network evaluation per step. Returns the state in fp64.
 
@@ -276,7 +277,7 @@ def edm_dpm_solver_sampler(
     from dit_models.multistep import dpm_solver_plan, multistep_sample
 
     sigmas = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()  # host floats (num_steps + 1,)
-    plan = dpm_solver_plan([1.0] * len(sigmas), sigmas, order)
+    plan = dpm_solver_plan([1.0] * len(sigmas), sigmas, order, third_order)
     t_steps = torch.tensor(sigmas, dtype=torch.float64, device=latents.device)
     guided = cfg_scale != 1.0
     if guided and not hasattr(net, "forward_with_cfg"):

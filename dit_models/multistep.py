@@ -20,7 +20,10 @@ ONE network evaluation:
            x_hat_{i-1}) / h_{i-1}, i.e. x_hat_i + (x_hat_i - x_hat_{i-1}) / (2 r) with r = h_{i-1} / h;
   order 3 (3M): x_hat' and x_hat'' from the quadratic through the last three data predictions (in lambda),
            with the exact phi_2, phi_3; a step longer than MAX_3M_STEP_RATIO times the previous one takes
-           the 2M update instead.
+           the 2M update instead. third_order="reference" gives instead the 3M of diffusers'
+           DPMSolverMultistepScheduler and k-diffusion's sample_dpmpp_3m_sde (eta = 0): their x_hat'' term
+           is phi_3 x_hat'' / 2, half the Taylor term, so that update is only second order; it has no
+           step-ratio rule either. It exists to reproduce samples made with those libraries.
 The first steps use the order the history allows; a step that ends at sigma = 0 (clean data, lambda = inf)
 is first order (the multistep correction is unbounded there), as is a step from lambda = -inf (SiT's Linear
 path at t = 0, where alpha = 0). Every coefficient is a host float computed once in float64, so the loop
@@ -32,9 +35,11 @@ Grids are given as K + 1 points (alpha_i, sigma_i), noise end first: the network
 import math
 
 __all__ = ["dpm_solver_plan", "multistep_sample", "log_snr", "karras_sigmas", "spaced_log_snrs", "SOLVER_ORDERS",
-           "TIME_SPACINGS"]
+           "THIRD_ORDER_FORMS", "TIME_SPACINGS"]
 
 SOLVER_ORDERS = (1, 2, 3)
+# "taylor": the exact phi_3 term (third order); "reference": diffusers' / k-diffusion's 3M (second order).
+THIRD_ORDER_FORMS = ("taylor", "reference")
 # 3M falls back to the 2M update on a step more than this many times longer (in log-SNR) than the previous
 # one. Such a step extrapolates the quadratic through the last three predictions far outside their span; on
 # DiT's uniform-in-t grid the step to t = 0 is 4.7x the previous one, and 3M without this rule scored FD 212
@@ -62,19 +67,23 @@ def _phis(h):
     return -em1, h + em1, h * h / 2 - h - em1
 
 
-def dpm_solver_plan(alphas, sigmas, order=2):
+def dpm_solver_plan(alphas, sigmas, order=2, third_order="taylor"):
     """Per-step coefficients of DPM-Solver++ on a grid of K + 1 points.
 
     Args:
         alphas, sigmas: K + 1 host floats each, noise end first; sigma_i > 0 for i < K (sigma_K may be 0:
             clean data); alpha_0 may be 0 (pure noise).
         order: 1, 2 (DPM-Solver++(2M), the paper's update) or 3 (3M).
+        third_order: the 3M update, "taylor" (default) or "reference" (diffusers / k-diffusion; module docstring).
     Returns:
         list of K tuples (c_x, (c_0, c_1, c_2)) meaning
         x_{i+1} = c_x * x_i + c_0 * x_hat_i + c_1 * x_hat_{i-1} + c_2 * x_hat_{i-2}.
     """
     if order not in SOLVER_ORDERS:
         raise ValueError(f"solver order must be one of {SOLVER_ORDERS}, got {order}")
+    if third_order not in THIRD_ORDER_FORMS:
+        raise ValueError(f"third_order must be one of {THIRD_ORDER_FORMS}, got {third_order!r}")
+    reference = third_order == "reference"
     alphas, sigmas = [float(a) for a in alphas], [float(s) for s in sigmas]
     if len(alphas) != len(sigmas) or len(alphas) < 2:
         raise ValueError("alphas and sigmas need the same length K + 1 >= 2")
@@ -95,7 +104,7 @@ def dpm_solver_plan(alphas, sigmas, order=2):
         for j, hj in enumerate(hs):
             if math.isinf(hj):
                 k = min(k, 1 + j)
-        if k == 3 and h > MAX_3M_STEP_RATIO * hs[0]:
+        if k == 3 and not reference and h > MAX_3M_STEP_RATIO * hs[0]:
             k = 2  # the quadratic extrapolated far beyond its data amplifies their errors
         c = [a_next * phi1, 0.0, 0.0]
         if k == 2:
@@ -107,8 +116,9 @@ def dpm_solver_plan(alphas, sigmas, order=2):
             h0, h1 = hs
             # Quadratic through (lambda_{i-2}, lambda_{i-1}, lambda_i): x_hat' = d1 + h0 q, x_hat'' = 2 q,
             # d1 = (x_i - x_{i-1}) / h0, q = (d1 - d2) / (h0 + h1), d2 = (x_{i-1} - x_{i-2}) / h1.
+            # The reference form weights x_hat'' by phi_3 / 2 instead of phi_3.
             A = a_next * phi2
-            B = a_next * (phi2 * h0 + 2 * phi3) / (h0 + h1)
+            B = a_next * (phi2 * h0 + (1 if reference else 2) * phi3) / (h0 + h1)
             c[0] += (A + B) / h0
             c[1] -= (A + B) / h0 + B / h1
             c[2] += B / h1

@@ -206,6 +206,47 @@ def test_ddpm_matches_diffusers_dpm_solver_on_its_time_steps(spacing):
     torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_ddpm_reference_3m_matches_diffusers(spacing):
+    """third_order="reference" reproduces diffusers' DPM-Solver++(3M) samples (16 steps: diffusers'
+    lower_order_final leaves only the last step, to sigma = 0, at first order, as ours), and the default
+    Taylor form does not: diffusers weights x_hat'' by phi_3 / 2."""
+    diffusers = pytest.importorskip("diffusers")
+    d = create_diffusion("")
+    target = DiffusionGaussianTarget(d, MU4, 0.3, learn_sigma=False)
+    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                                  timestep_spacing=spacing, solver_order=3)
+    sched.set_timesteps(16)
+    z = _z((8, 4, 2, 2))
+    x = z.clone()
+    for t in sched.timesteps:
+        x = sched.step(target(x, torch.full((8,), float(t))), t, x).prev_sample
+    run = lambda form: d.dpm_solver_sample_loop(target, z.shape, noise=z, clip_denoised=False, order=3,
+                                                timesteps=[float(t) for t in sched.timesteps], third_order=form)
+    torch.testing.assert_close(run("reference"), x, atol=1e-5, rtol=1e-5)
+    assert (run("taylor") - x).abs().max() > 1e-4
+
+
+def test_reference_3m_is_second_order_and_taylor_third():
+    """The two 3M forms on the analytic DDPM target (logSNR grid): halving the step gains about 4x with the
+    reference form and 8x with the Taylor form."""
+    d = create_diffusion("")
+    target = DiffusionGaussianTarget(d, MU4, 0.3)
+    z = _z((64, 4, 2, 2))
+    gains = {}
+    for form in ("reference", "taylor"):
+        errs = []
+        for k in (40, 80):
+            ts = d.solver_timesteps(k, "logSNR", denoise_final=False)
+            x = d.dpm_solver_sample_loop(target, z.shape, noise=z, clip_denoised=False, num_steps=k, order=3,
+                                         time_spacing="logSNR", denoise_final=False, third_order=form)
+            errs.append((x - target.ode_solution(z, ts[0], ts[-1])).abs().max().item())
+        gains[form] = errs[0] / errs[1]
+    assert 3.0 < gains["reference"] < 5.5 and gains["taylor"] > 6.0, gains
+    with pytest.raises(ValueError, match="third_order"):
+        dpm_solver_plan([0.5, 1.0], [0.5, 0.0], 3, third_order="k-diffusion")
+
+
 # ---------------------------------------------------------------------------------------------- SiT
 
 

@@ -372,7 +372,7 @@ class GaussianDiffusion:
 
     def dpm_solver_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
                                device=None, progress=False, num_steps=20, order=2, time_spacing="time_uniform",
-                               denoise_final=True, timesteps=None, generator=None):
+                               denoise_final=True, timesteps=None, generator=None, third_order="taylor"):
         """DPM-Solver++ (Lu et al. 2022; 2M by default) with ONE network evaluation per step. Returns x_0.
 
         The solver works on the continuous-time schedule of the network's own steps (see
@@ -385,6 +385,7 @@ class GaussianDiffusion:
                 ddim_sample_loop (the generator only draws the initial noise).
             num_steps: network evaluations (NFE).
             order: 1 (= DDIM on the same grid), 2 (DPM-Solver++(2M)) or 3 (3M).
+            third_order: "taylor" or "reference" (diffusers' 3M; dit_models.multistep.dpm_solver_plan).
             time_spacing: "time_uniform" (default; the best of the three on the digits DiT, docs/results.md),
                 "logSNR" or "karras" (solver_timesteps).
             denoise_final: end with a step to sigma = 0 (x0_hat, as DDPM/DDIM); else stop at t_min = 0.
@@ -404,7 +405,7 @@ class GaussianDiffusion:
         alphas, sigmas = np.sqrt(abar).tolist(), np.sqrt(1.0 - abar).tolist()
         if denoise_final:
             alphas, sigmas = alphas + [1.0], sigmas + [0.0]
-        plan = dpm_solver_plan(alphas, sigmas, order)
+        plan = dpm_solver_plan(alphas, sigmas, order, third_order)
         N, C = x.shape[:2]
         tdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         t_table = torch.tensor(timesteps[:len(plan)], dtype=torch.float64)[:, None].expand(len(plan), N)

@@ -401,14 +401,14 @@ class _DPMSolverSampleFn(_SampleFn):
     velocity models), so every prediction type on every path works.
     """
 
-    def __init__(self, transport, t0, t1, num_steps, order, time_spacing, denoise_final, **kw):
+    def __init__(self, transport, t0, t1, num_steps, order, time_spacing, denoise_final, third_order="taylor", **kw):
         from dit_models.multistep import dpm_solver_plan
 
         times, alphas, sigmas = dpm_solver_grid(transport, t0, t1, num_steps, time_spacing, denoise_final)
         super().__init__(transport, times, **kw)
         self.method = f"dpm++{order}"
         self.num_steps = num_steps
-        self.plan = dpm_solver_plan(alphas, sigmas, order)
+        self.plan = dpm_solver_plan(alphas, sigmas, order, third_order)
         a, b = transport.tweedie_coeffs(torch.tensor(times, dtype=torch.float64))
         self.a, self.b = a.tolist(), b.tolist()
         _check_finite("DPM-Solver data prediction", self.a + self.b)
@@ -675,7 +675,7 @@ class Sampler:
 
     def sample_dpm_solver(self, num_steps=20, order=2, time_spacing="time_uniform", denoise_final=True,
                           cuda_graph=False, return_trajectory=False, cfg_scale=1.0, guided_channels=None,
-                          null_label=None):
+                          null_label=None, third_order="taylor"):
         """DPM-Solver++ multistep (Lu et al. 2022) on the probability-flow ODE, noise (t0) -> data: ONE network
         evaluation per step (num_steps = NFE), for every path and prediction type.
 
@@ -686,6 +686,7 @@ class Sampler:
         Args:
             num_steps: network evaluations.
             order: 1, 2 (DPM-Solver++(2M), default) or 3 (3M).
+            third_order: "taylor" or "reference" (diffusers' 3M; dit_models.multistep.dpm_solver_plan).
             time_spacing: "time_uniform" (SiT's own t, default), "logSNR" or "karras".
             denoise_final: when the interval ends before clean data (VP; score/noise models), finish with a
                 first-order step to t = 1 (sigma = 0) instead of stopping at t1.
@@ -696,7 +697,7 @@ class Sampler:
         """
         t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
                                                sde=False, eval=True)
-        return _DPMSolverSampleFn(self.transport, t0, t1, num_steps, order, time_spacing, denoise_final,
+        return _DPMSolverSampleFn(self.transport, t0, t1, num_steps, order, time_spacing, denoise_final, third_order,
                                   cfg_scale=cfg_scale, guided_channels=guided_channels, null_label=null_label,
                                   cuda_graph=cuda_graph, return_trajectory=return_trajectory)
 
