@@ -93,13 +93,14 @@ def _hint(key):
     if key.startswith("model."):
         return "keys under 'model.' are an EDMPrecond (MaskDiT) file: use dit_models.models.maskdit.load_maskdit_checkpoint"
     if key == "pos_embed":
-        return "pos_embed holds one row per token: the checkpoint was trained at another resolution (build the model with the matching input_size)"
+        return ("pos_embed holds one row per token, (input_size / patch_size)^2: the checkpoint was trained at another "
+                "resolution or patch size (build the model with the matching input_size and model name)")
     if key.startswith("final_layer.linear"):
         return "final_layer.linear has p*p*C_out rows: learn_sigma (C_out = 2C) or patch size differs; see infer_config_from_state_dict"
     if key.startswith("y_embedder"):
         return "the label table has num_classes (+1 null row when class_dropout_prob > 0) rows: num_classes or class_dropout_prob differs"
     if key.startswith("x_embedder"):
-        return "the patch embedding differs: patch size, in_channels or hidden size"
+        return "the patch embedding (hidden size, in_channels, patch, patch) differs: patch size, in_channels or hidden size"
     return "the model configuration (size / depth / hidden size) differs from the checkpoint's"
 
 
@@ -130,7 +131,9 @@ def load_state_dict_strict(model, state_dict, hint=_hint):
     """
     model = _unwrap_model(model)
     own = model.state_dict()
-    for k, v in state_dict.items():
+    # The patch embedding first: its shape names the patch size, while pos_embed (the first key) differs
+    # for a patch-size and a resolution mismatch alike.
+    for k, v in sorted(state_dict.items(), key=lambda item: not item[0].startswith("x_embedder.")):
         if k in own and tuple(own[k].shape) != tuple(v.shape):
             raise ValueError(
                 f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}. Hint: {hint(k)}"

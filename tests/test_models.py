@@ -574,3 +574,12 @@ def test_mlp_recompute_in_model_and_compile():
     torch.manual_seed(0)
     out = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t, y)
     out.square().mean().backward()
+
+
+def test_patch_size_mismatch_is_named_as_such():
+    # pos_embed (the first key) differs too, and used to be blamed on another resolution.
+    src, dst = _tiny(patch_size=2), _tiny(patch_size=4)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(src.state_dict(), dst)
+    msg = str(err.value)
+    assert msg.startswith("shape mismatch for x_embedder.proj.weight") and "patch size" in msg, msg
