@@ -1,7 +1,9 @@
 """Small training utilities: logging, EMA, atomic checkpoints, distributed setup, seeding, plots and grids."""
+import datetime
 import logging
 import os
 import random
+import signal
 import sys
 import time
 
@@ -14,12 +16,14 @@ import torch.distributed as dist
 #                                             Distributed
 # ---------------------------------------------------------------------------------------------------------
 
-def setup_distributed(device_arg="auto"):
+def setup_distributed(device_arg="auto", timeout_s=None):
     """Initialises torch.distributed when launched by torchrun (WORLD_SIZE > 1).
 
     Returns (rank, world_size, local_rank, device). The device is the *local* GPU (LOCAL_RANK), which also
     works across nodes (the reference DiT used the global rank, which breaks on more than one node). Backend: nccl on
-    CUDA, gloo on CPU so a 2-process run works on a laptop.
+    CUDA, gloo on CPU so a 2-process run works on a laptop. timeout_s bounds every collective: when a rank
+    dies, the others raise within it instead of waiting forever (None: torch's default, 10 minutes for
+    nccl and 30 for gloo).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -36,6 +40,8 @@ def setup_distributed(device_arg="auto"):
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if timeout_s is not None:
+            kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend=backend, **kwargs)
     return rank, world, local_rank, device
 
@@ -185,26 +191,124 @@ def create_logger(logging_dir=None, rank=0, name="dit_models"):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves a torn file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """torch.save to a temp file in the same folder, flushed to disk, then os.replace: a killed process or a
+    crashed machine never leaves a torn file under the final name (a killed one may leave `<path>.tmp.<pid>`,
+    which remove_stale_temp_files clears)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        try:  # the rename itself is durable once the folder is synced
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temp_files(folder):
+    """Remove the `*.pt.tmp.<pid>` files a killed save_atomic left; returns their names."""
+    if not os.path.isdir(folder):
+        return []
+    stale = sorted(f for f in os.listdir(folder) if ".pt.tmp." in f)
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    return stale
+
+
+def checkpoint_files(run_dir):
+    """The NNNNNNN.pt files of a run folder (or its checkpoints/ sub-folder), newest first."""
+    for d in (os.path.join(run_dir, "checkpoints"), run_dir):
+        if os.path.isdir(d):
+            files = sorted((f for f in os.listdir(d) if f.endswith(".pt") and f[:-3].isdigit()), reverse=True)
+            if files:
+                return [os.path.join(d, f) for f in files]
+    return []
+
+
+def newest_complete_checkpoint(run_dir, log=None):
+    """(path, checkpoint) of the newest checkpoint of a run folder that loads as a resumable training
+    checkpoint, skipping torn or corrupt ones (each named through `log`). FileNotFoundError when none loads."""
+    from dit_models.checkpoint import CheckpointReadError
+
+    skipped = []
+    for path in checkpoint_files(run_dir):
+        try:
+            return path, load_training_checkpoint(path)
+        except (CheckpointReadError, ValueError) as e:
+            skipped.append(path)
+            if log is not None:
+                log(f"skipping {path}: {str(e).splitlines()[0]}")
+    more = f" ({len(skipped)} unreadable: {', '.join(os.path.basename(p) for p in skipped)})" if skipped else ""
+    raise FileNotFoundError(f"no complete checkpoint in {run_dir!r}{more}")
+
+
+class StopSignals:
+    """Turns SIGTERM / SIGUSR1 (what cluster schedulers send before preempting a job) into a request to stop
+    at the next step boundary: the training loop saves a checkpoint there and exits 0.
+
+        with StopSignals() as stop:
+            for step in ...:
+                ...
+                if stop.requested():
+                    save; break
+
+    requested() agrees across ranks (a max all-reduce, one tiny collective per call when distributed), so
+    every rank stops at the same step even when the signal reaches them at different times.
+    """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+    def __init__(self, device="cpu"):
+        self.received = None  # the signal's name, once one arrived
+        self._device = device
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+        return False
+
+    def requested(self):
+        flag = self.received is not None
+        if is_distributed():
+            t = torch.tensor([1.0 if flag else 0.0], device=self._device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and self.received is None:
+                self.received = "another rank's signal"
+        return flag
 
 
 def latest_checkpoint(path):
     """A checkpoint file, or the newest NNNNNNN.pt in a run folder or its checkpoints/ sub-folder."""
     if os.path.isfile(path):
         return path
-    for d in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(d):
-            files = sorted(f for f in os.listdir(d) if f.endswith(".pt") and f[:-3].isdigit())
-            if files:
-                return os.path.join(d, files[-1])
+    files = checkpoint_files(path)
+    if files:
+        return files[0]
     raise FileNotFoundError(f"no checkpoint found at {path!r}")
 
 
