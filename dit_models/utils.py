@@ -253,6 +253,23 @@ def newest_complete_checkpoint(run_dir, log=None):
     raise FileNotFoundError(f"no complete checkpoint in {run_dir!r}{more}")
 
 
+def nonfinite_step(loss, parameters):
+    """True when the loss or any gradient holds a NaN or inf: the step must not reach the optimizer or the EMA.
+
+    One host read per call (the flag), agreed across ranks with a max all-reduce so that every rank skips
+    the same steps. The gradient test is the finiteness of the per-tensor norms (a NaN or inf anywhere
+    makes its tensor's norm non-finite), one fused foreach kernel instead of one check per tensor.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    bad = ~torch.isfinite(loss.detach()).all()
+    if grads:
+        bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+    bad = bad.float().reshape(1)
+    if is_distributed():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
 class StopSignals:
     """Turns SIGTERM / SIGUSR1 (what cluster schedulers send before preempting a job) into a request to stop
     at the next step boundary: the training loop saves a checkpoint there and exits 0.

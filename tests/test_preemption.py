@@ -80,3 +80,18 @@ def test_a_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path):
             p.kill()
     assert procs[0].returncode == 3, (out, err[-2000:])
     assert "raised after" in out
+
+
+def test_nonfinite_step_sees_nan_and_inf_in_loss_or_any_gradient():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    loss = model(torch.randn(5, 3)).square().mean()
+    loss.backward()
+    assert not utils.nonfinite_step(loss, model.parameters())
+    assert utils.nonfinite_step(loss * float("nan"), model.parameters())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        model[1].bias.grad[0] = bad
+        assert utils.nonfinite_step(loss, model.parameters())
+    model[1].bias.grad[0] = 0.0
+    assert not utils.nonfinite_step(loss, model.parameters())
+    model[0].weight.grad = None  # a frozen or unused parameter
+    assert not utils.nonfinite_step(loss, model.parameters())
