@@ -1,4 +1,4 @@
-"""Multistep exponential integrators (DPM-Solver++ 2M / 3M) shared by DiT diffusion, SiT transport and EDM.
+"""Multistep exponential integrators (DPM-Solver++ 2M / 3M, UniPC) shared by DiT diffusion, SiT transport and EDM.
 
 Written from Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
 Models" (arXiv 2211.01095), Algorithm 2, and the exponential-integrator derivation of DPM-Solver (arXiv
@@ -28,6 +28,12 @@ does no host <-> device traffic and can be captured in a CUDA graph.
 
 Grids are given as K + 1 points (alpha_i, sigma_i), noise end first: the network is evaluated at points
 0..K-1 and step i goes from point i to point i + 1 (K evaluations for K steps).
+
+UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models",
+arXiv 2302.04867) uses the same integral with the derivative terms weighted through B(h) (unipc_plan): a
+predictor UniP-p and a corrector UniC-p that uses the data prediction at the new point, the one the next
+predictor needs, so it also costs one evaluation per step and raises the order to p + 1. Its plan has the same
+form on the predicted states, with one more past prediction, and runs in the same loop (multistep_sample).
 """
 import math
 
