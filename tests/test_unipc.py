@@ -128,6 +128,7 @@ def test_ddpm_unipc_default_grid_converges():
     assert e40 / e80 > 6.0 and e80 < 5e-4, (e40, e80)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' own numpy 2 notice
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
 @pytest.mark.parametrize("order", [1, 2, 3])
