@@ -1,7 +1,6 @@
 """EDM formulation (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models").
 
-Used by MaskDiT and SD-DiT (EDM preconditioning with sigma_data = 0.5, the EDM loss weight and Karras
-schedule, and EDM's deterministic Heun sampler, Algorithm 2 of Karras et al. 2022).
+Used by MaskDiT and SD-DiT (spec: diffusion_transport.md Part C, maskdit_sddit.md 1.4/1.5/1.9).
 
 Public API
 ----------
@@ -20,6 +19,8 @@ Public API
                 rho=7, S_churn=0, S_min=0, S_max=inf, S_noise=1, generator=None, return_nfe=False) -> x (N, C, H, W) fp64
     edm_dpm_solver_sampler(net, latents, class_labels=None, cfg_scale=1.0, num_steps=20, sigma_min=0.002,
                 sigma_max=80, rho=7, order=2, return_nfe=False) -> x fp64       DPM-Solver++(2M): NFE = num_steps
+    edm_unipc_sampler(net, latents, class_labels=None, cfg_scale=1.0, num_steps=20, sigma_min=0.002, sigma_max=80,
+                rho=7, order=2, variant="bh2", lower_order_final=True, return_nfe=False) -> x fp64   UniPC: NFE = num_steps
 
 Net protocol used by the loss and the sampler: ``net(x, sigma, class_labels) -> D_x`` (the preconditioned
 denoiser, x and D_x of shape (N, C, H, W), sigma (N,) or a scalar tensor). For guidance the sampler calls
@@ -46,6 +47,7 @@ __all__ = [
     "edm_sigma_steps",
     "edm_sampler",
     "edm_dpm_solver_sampler",
+    "edm_unipc_sampler",
 ]
 
 
@@ -250,7 +252,7 @@ def edm_sampler(
 
 
 #################################################################################
-#                DPM-Solver++ multistep sampler (one evaluation per step)       #
+#          DPM-Solver++ and UniPC multistep samplers (one evaluation per step)  #
 #################################################################################
 
 @torch.no_grad()
@@ -274,10 +276,44 @@ def edm_dpm_solver_sampler(
     is D itself; the update is the exponential integrator of dit_models/multistep.py in lambda = -log sigma
     (order 1 is exactly EDM's Euler step). The last step, to sigma = 0, is first order.
     """
-    from dit_models.multistep import dpm_solver_plan, multistep_sample
+    from dit_models.multistep import dpm_solver_plan
 
     sigmas = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()  # host floats (num_steps + 1,)
-    plan = dpm_solver_plan([1.0] * len(sigmas), sigmas, order, third_order)
+    return _edm_multistep(net, latents, class_labels, cfg_scale, sigmas,
+                          dpm_solver_plan([1.0] * len(sigmas), sigmas, order, third_order), return_nfe)
+
+
+@torch.no_grad()
+def edm_unipc_sampler(
+    net,
+    latents,
+    class_labels=None,
+    cfg_scale=1.0,          # classifier-free guidance scale on F (all channels)
+    num_steps=20,           # network evaluations (NFE)
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    order=2,                # UniPC-p: 1, 2 or 3
+    variant="bh2",          # B(h): "bh1" (h) or "bh2" (1 - e^-h)
+    lower_order_final=True,
+    return_nfe=False,
+):
+    """UniPC (Zhao et al. 2023) on EDM's grid: ONE network evaluation per step. Returns the state in fp64.
+
+    Same grid, denoiser calls and NFE (= num_steps) as edm_dpm_solver_sampler; the plan is
+    dit_models/multistep.py:unipc_plan (predictor UniP-p, corrector UniC-p reusing the next step's evaluation).
+    """
+    from dit_models.multistep import unipc_plan
+
+    sigmas = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()  # host floats (num_steps + 1,)
+    return _edm_multistep(net, latents, class_labels, cfg_scale, sigmas,
+                          unipc_plan([1.0] * len(sigmas), sigmas, order, variant, lower_order_final), return_nfe)
+
+
+def _edm_multistep(net, latents, class_labels, cfg_scale, sigmas, plan, return_nfe):
+    """Run a multistep plan on the EDM grid sigmas (host floats): D is the data prediction (alpha = 1)."""
+    from dit_models.multistep import multistep_sample
+
     t_steps = torch.tensor(sigmas, dtype=torch.float64, device=latents.device)
     guided = cfg_scale != 1.0
     if guided and not hasattr(net, "forward_with_cfg"):

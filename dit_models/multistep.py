@@ -1,4 +1,4 @@
-"""Multistep exponential integrators (DPM-Solver++ 2M / 3M) shared by DiT diffusion, SiT transport and EDM.
+"""Multistep exponential integrators (DPM-Solver++ 2M / 3M, UniPC) shared by DiT diffusion, SiT transport and EDM.
 
 Written from Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
 Models" (arXiv 2211.01095), Algorithm 2, and the exponential-integrator derivation of DPM-Solver (arXiv
@@ -31,11 +31,19 @@ does no host <-> device traffic and can be captured in a CUDA graph.
 
 Grids are given as K + 1 points (alpha_i, sigma_i), noise end first: the network is evaluated at points
 0..K-1 and step i goes from point i to point i + 1 (K evaluations for K steps).
+
+UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models",
+arXiv 2302.04867) uses the same integral with the derivative terms weighted through B(h) (unipc_plan): a
+predictor UniP-p and a corrector UniC-p that uses the data prediction at the new point, the one the next
+predictor needs, so it also costs one evaluation per step and raises the order to p + 1. Its plan has the same
+form on the predicted states, with one more past prediction, and runs in the same loop (multistep_sample).
 """
 import math
 
-__all__ = ["dpm_solver_plan", "multistep_sample", "log_snr", "karras_sigmas", "spaced_log_snrs", "SOLVER_ORDERS",
-           "THIRD_ORDER_FORMS", "TIME_SPACINGS"]
+import numpy as np
+
+__all__ = ["dpm_solver_plan", "unipc_plan", "multistep_sample", "log_snr", "karras_sigmas", "spaced_log_snrs",
+           "SOLVER_ORDERS", "THIRD_ORDER_FORMS", "UNIPC_VARIANTS", "TIME_SPACINGS"]
 
 SOLVER_ORDERS = (1, 2, 3)
 # "taylor": the exact phi_3 term (third order); "reference": diffusers' / k-diffusion's 3M (second order).
@@ -48,6 +56,7 @@ MAX_3M_STEP_RATIO = 2.0
 # "time_uniform": equal steps in the process's own time (DDPM step number, SiT t; EDM has its own rho grid);
 # "logSNR": equal steps in lambda (Lu et al.); "karras": rho = 7 spacing of sigma / alpha (Karras et al.).
 TIME_SPACINGS = ("time_uniform", "logSNR", "karras")
+UNIPC_VARIANTS = ("bh1", "bh2")  # B(h) = h or 1 - e^-h (Zhao et al. 2023)
 
 
 def log_snr(alpha, sigma):
@@ -67,6 +76,21 @@ def _phis(h):
     return -em1, h + em1, h * h / 2 - h - em1
 
 
+def _checked_grid(alphas, sigmas, order):
+    """(alphas, sigmas, log-SNRs) as host floats after checking the order and the grid's shape and direction."""
+    if order not in SOLVER_ORDERS:
+        raise ValueError(f"solver order must be one of {SOLVER_ORDERS}, got {order}")
+    alphas, sigmas = [float(a) for a in alphas], [float(s) for s in sigmas]
+    if len(alphas) != len(sigmas) or len(alphas) < 2:
+        raise ValueError("alphas and sigmas need the same length K + 1 >= 2")
+    if any(s <= 0 for s in sigmas[:-1]) or sigmas[-1] < 0 or any(a < 0 for a in alphas):
+        raise ValueError("need sigma_i > 0 before the last point, sigma_K >= 0 and alpha_i >= 0")
+    lams = [log_snr(a, s) for a, s in zip(alphas, sigmas)]
+    if any(l1 <= l0 for l0, l1 in zip(lams[:-1], lams[1:])):
+        raise ValueError("the grid must run from noise to data (strictly increasing alpha / sigma)")
+    return alphas, sigmas, lams
+
+
 def dpm_solver_plan(alphas, sigmas, order=2, third_order="taylor"):
     """Per-step coefficients of DPM-Solver++ on a grid of K + 1 points.
 
@@ -79,19 +103,10 @@ def dpm_solver_plan(alphas, sigmas, order=2, third_order="taylor"):
         list of K tuples (c_x, (c_0, c_1, c_2)) meaning
         x_{i+1} = c_x * x_i + c_0 * x_hat_i + c_1 * x_hat_{i-1} + c_2 * x_hat_{i-2}.
     """
-    if order not in SOLVER_ORDERS:
-        raise ValueError(f"solver order must be one of {SOLVER_ORDERS}, got {order}")
+    alphas, sigmas, lams = _checked_grid(alphas, sigmas, order)
     if third_order not in THIRD_ORDER_FORMS:
         raise ValueError(f"third_order must be one of {THIRD_ORDER_FORMS}, got {third_order!r}")
     reference = third_order == "reference"
-    alphas, sigmas = [float(a) for a in alphas], [float(s) for s in sigmas]
-    if len(alphas) != len(sigmas) or len(alphas) < 2:
-        raise ValueError("alphas and sigmas need the same length K + 1 >= 2")
-    if any(s <= 0 for s in sigmas[:-1]) or sigmas[-1] < 0 or any(a < 0 for a in alphas):
-        raise ValueError("need sigma_i > 0 before the last point, sigma_K >= 0 and alpha_i >= 0")
-    lams = [log_snr(a, s) for a, s in zip(alphas, sigmas)]
-    if any(l1 <= l0 for l0, l1 in zip(lams[:-1], lams[1:])):
-        raise ValueError("the grid must run from noise to data (strictly increasing alpha / sigma)")
     plan = []
     for i in range(len(lams) - 1):
         h = lams[i + 1] - lams[i]
@@ -126,13 +141,105 @@ def dpm_solver_plan(alphas, sigmas, order=2, third_order="taylor"):
     return plan
 
 
+def _phi(k, z):
+    """phi_k(z) = sum_n z^n / (n + k)! (phi_0 = e^z, phi_{k+1} = (phi_k - 1 / k!) / z), accurate near z = 0."""
+    if abs(z) < 1:
+        return sum(z ** n / math.factorial(n + k) for n in range(30))
+    v = math.exp(z)
+    for j in range(k):
+        v = (v - 1 / math.factorial(j)) / z
+    return v
+
+
+def _unipc_update(lams, alpha_t, s, t, order, variant, corrector):
+    """Weights {grid point: w} of the data predictions in one UniP-order update (corrector=False) or UniC-order
+    update (corrector=True: the prediction at t joins with r = 1) from point s to point t; the x_s weight is
+    sigma_t / sigma_s. See the UniPC notes above unipc_plan."""
+    h = lams[t] - lams[s]
+    cols = [s - k for k in range(1, order)] + ([t] if corrector else [])
+    rs = [(lams[j] - lams[s]) / h for j in cols]
+    if len(cols) == 1:
+        rhos = [0.5]  # UniP-2 and UniC-1: the paper's (and diffusers') fixed a_1 = 1/2
+    elif cols:
+        # sum_k rho_k r_k^(j-1) = j! phi_{j+1}(-h) / (1 | phi_1(-h)) for j = 1..n (B(h) = h | 1 - e^-h).
+        scale = 1.0 if variant == "bh1" else _phi(1, -h)
+        b = [math.factorial(j) * _phi(j + 1, -h) / scale for j in range(1, len(cols) + 1)]
+        rhos = np.linalg.solve(np.array([[r ** (j - 1) for r in rs] for j in range(1, len(cols) + 1)]), b).tolist()
+    else:
+        rhos = []
+    phi1 = -math.expm1(-h)  # 1 - e^-h (1 at h = inf)
+    g = h if variant == "bh1" else phi1  # B(h)
+    w = {s: alpha_t * phi1}
+    for j, r, rho in zip(cols, rs, rhos):  # alpha_t B(h) rho_k (x_hat_k - x_hat_s) / r_k
+        c = alpha_t * g * rho / r
+        w[j] = w.get(j, 0.0) + c
+        w[s] -= c
+    return w
+
+
+def unipc_plan(alphas, sigmas, order=2, variant="bh2", lower_order_final=True, corrector=True):
+    """Per-step coefficients of UniPC (Zhao et al. 2023, data-prediction UniPC-p with B(h) = bh1 or bh2).
+
+    UniP-p, the predictor from point i to i + 1 (h = lambda_{i+1} - lambda_i, r_k = (lambda_{i-k} - lambda_i) / h):
+        x_{i+1} = (sigma_{i+1} / sigma_i) x_i^c + alpha_{i+1} [(1 - e^-h) x_hat_i
+                  + B(h) sum_{k=1}^{p-1} rho_k (x_hat_{i-k} - x_hat_i) / r_k],
+    B(h) = h ("bh1") or 1 - e^-h ("bh2"), rho = 1/2 for p = 2, else the solution of
+    sum_k rho_k r_k^(j-1) = j! phi_{j+1}(-h) / (B(h) / h), j = 1..p-1. UniC-p, the corrector at point i + 1,
+    repeats the update from x_i^c with the new prediction x_hat_{i+1} (r = 1) as one more column and j = 1..p
+    (rho = 1/2 for p = 1), and raises the order to p + 1. x_hat_{i+1} is evaluated at the PREDICTED x_{i+1} and is
+    the one the next predictor uses: one network evaluation per step. Both updates start from x_i^c with the same
+    sigma ratio, so x_{i+1}^c = x_{i+1} + sum_j (corrector - predictor weights) x_hat_j, and the whole step folds
+    into the multistep form on the predicted states (those the network sees):
+        x_{i+1} = c_x x_i + sum_j c_j x_hat_{i-j},   c_j = predictor_j + c_x (corrector_i - predictor_{i-1})_j.
+    There is no corrector after the last step (no evaluation there). Step i uses order
+    p_i = min(order, i + 1, K - i with lower_order_final); steps with h = inf (from alpha = 0 or to sigma = 0) are
+    first order and not corrected, and history points at lambda = -inf are not used. These are the conventions
+    of diffusers' UniPCMultistepScheduler(predict_x0=True, solver_type=variant, disable_corrector=[]).
+
+    Args:
+        alphas, sigmas: K + 1 host floats each, as dpm_solver_plan.
+        order: 1, 2 or 3 (UniPC-p; with the corrector the global order is p + 1, without it p).
+        variant: "bh1" or "bh2".
+        lower_order_final: lower the order on the last steps (min(order, K - i)), as diffusers; this makes the
+            last step first order, which caps the global order at 2 (harmless when it is the step to sigma = 0).
+        corrector: apply UniC (False: UniP only).
+    Returns:
+        list of K tuples (c_x, (c_0, ..., c_{n-1})) for multistep_sample (n = 2 for order 1, else order + 1).
+    """
+    alphas, sigmas, lams = _checked_grid(alphas, sigmas, order)
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"UniPC variant must be one of {UNIPC_VARIANTS}, got {variant!r}")
+    K = len(lams) - 1
+    orders = []
+    for i in range(K):
+        p = min(order, i + 1, K - i) if lower_order_final else min(order, i + 1)
+        if math.isinf(lams[i + 1] - lams[i]):
+            p = 1
+        while p > 1 and math.isinf(lams[i - p + 1]):
+            p -= 1
+        orders.append(p)
+    width = min(K, max(2 if corrector else 1, order + (1 if corrector else 0)))
+    plan, prev = [], None
+    for i in range(K):
+        c_x = sigmas[i + 1] / sigmas[i]
+        pred = _unipc_update(lams, alphas[i + 1], i, i + 1, orders[i], variant, False)
+        w = dict(pred)
+        if corrector and i > 0 and not math.isinf(lams[i] - lams[i - 1]):
+            corr = _unipc_update(lams, alphas[i], i - 1, i, orders[i - 1], variant, True)
+            for j in set(corr) | set(prev):
+                w[j] = w.get(j, 0.0) + c_x * (corr.get(j, 0.0) - prev.get(j, 0.0))
+        prev = pred
+        plan.append((c_x, tuple(w.get(i - j, 0.0) for j in range(width))))
+    return plan
+
+
 def multistep_sample(x, data_prediction, plan, max_steps=None, progress=None):
-    """Run a plan from dpm_solver_plan: x_{i+1} = c_x x_i + sum_j c_j x_hat_{i-j}.
+    """Run a plan from dpm_solver_plan or unipc_plan: x_{i+1} = c_x x_i + sum_j c_j x_hat_{i-j}.
 
     Args:
         x: initial state (any shape; the update is elementwise).
         data_prediction: callable (x, i) -> x_hat at grid point i (one network evaluation), like x.
-        plan: list of (c_x, (c_0, c_1, c_2)) host floats.
+        plan: list of (c_x, (c_0, c_1, ...)) host floats (the history kept is as long as the tuple).
         max_steps: stop after this many steps (CUDA-graph warm-up).
         progress: optional wrapper of the step iterator (e.g. tqdm).
     Returns the state after the last step.
@@ -142,7 +249,7 @@ def multistep_sample(x, data_prediction, plan, max_steps=None, progress=None):
     steps = list(enumerate(steps))
     for i, (c_x, cs) in (steps if progress is None else progress(steps)):
         history.insert(0, data_prediction(x, i))
-        del history[3:]
+        del history[len(cs):]
         out = history[0] * cs[0] if c_x == 0 else (history[0] * cs[0]).add_(x, alpha=c_x)
         for c, d in zip(cs[1:], history[1:]):
             if c != 0:

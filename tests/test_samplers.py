@@ -522,7 +522,7 @@ def test_per_step_graph_euler_with_cpu_fake(monkeypatch):
     assert len(captured) == 2
 
 
-@pytest.mark.parametrize("kind", ["Heun", "ode-heun", "dpm++"])
+@pytest.mark.parametrize("kind", ["Heun", "ode-heun", "dpm++", "unipc"])
 def test_graph_cache_bookkeeping_with_cpu_fake(monkeypatch, kind):
     from dit_models.transport import sampler as sampler_module
 
@@ -540,6 +540,8 @@ def test_graph_cache_bookkeeping_with_cpu_fake(monkeypatch, kind):
             return s.sample_ode("heun", num_steps=num_steps, cuda_graph=graph, cfg_scale=2.0, guided_channels=3)
         if kind == "dpm++":
             return s.sample_dpm_solver(num_steps, cuda_graph=graph, cfg_scale=2.0)
+        if kind == "unipc":
+            return s.sample_unipc(num_steps, order=3, cuda_graph=graph, cfg_scale=2.0)
         return s.sample_sde(kind, "sigma", num_steps=num_steps, cuda_graph=graph, generator=gen, cfg_scale=2.0)
 
     gen = torch.Generator().manual_seed(1)
@@ -575,6 +577,12 @@ def test_cuda_graph_ode_equals_eager(method):
 @pytest.mark.parametrize("order", [2, 3])
 def test_cuda_graph_dpm_solver_equals_eager(order):
     _cuda_graph_case(lambda s, graph, gen, kw: s.sample_dpm_solver(12, order, cuda_graph=graph, **kw), True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("order", [2, 3])
+def test_cuda_graph_unipc_equals_eager(order):
+    _cuda_graph_case(lambda s, graph, gen, kw: s.sample_unipc(12, order, cuda_graph=graph, **kw), True)
 
 
 @needs_cuda

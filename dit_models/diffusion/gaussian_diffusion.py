@@ -1,4 +1,4 @@
-"""DiT's discrete Gaussian diffusion (DDPM / improved DDPM), as in the improved-diffusion code DiT ships.
+"""DiT's discrete Gaussian diffusion (DDPM / improved DDPM), written from diffusion_transport.md Part A.
 
 Tables are float64 numpy arrays; per-sample lookups use float32 device copies of them (made once
 per device), so sampling loops do no host<->device traffic besides launching kernels. Noise can come
@@ -318,7 +318,7 @@ class GaussianDiffusion:
             x = out["sample"]
 
     # ------------------------------------------------------------------------------------------
-    # DPM-Solver++ (multistep, one network evaluation per step; dit_models/multistep.py)
+    # DPM-Solver++ and UniPC (multistep, one network evaluation per step; dit_models/multistep.py)
 
     def _solver_alphas_cumprod(self):
         """abar over the network's own time axis 0..T-1 (SpacedDiffusion: the base process)."""
@@ -392,10 +392,41 @@ class GaussianDiffusion:
             timesteps: explicit decreasing model times to evaluate at (overrides num_steps/time_spacing);
                 with denoise_final=False the last entry is the end point, not evaluated.
         """
-        from dit_models.multistep import dpm_solver_plan, multistep_sample
+        from dit_models.multistep import dpm_solver_plan
+
+        return self._multistep_sample_loop("DPM-Solver++", lambda a, s: dpm_solver_plan(a, s, order, third_order), model, shape,
+                                           noise, clip_denoised, denoised_fn, model_kwargs, device, progress,
+                                           num_steps, time_spacing, denoise_final, timesteps, generator)
+
+    def unipc_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
+                          device=None, progress=False, num_steps=20, order=2, variant="bh2", time_spacing="time_uniform",
+                          denoise_final=True, timesteps=None, generator=None, lower_order_final=True):
+        """UniPC (Zhao et al. 2023; bh2 UniPC-2 by default) with ONE network evaluation per step. Returns x_0.
+
+        Same grid, model call and arguments as dpm_solver_sample_loop (dit_models/multistep.py:unipc_plan); with
+        denoise_final and diffusers' integer time steps it reproduces UniPCMultistepScheduler(predict_x0=True,
+        solver_type=variant, solver_order=order, lower_order_final=lower_order_final).
+
+        Args:
+            order: 1, 2 or 3 (UniPC-p: predictor order p, p + 1 with the corrector).
+            variant: "bh1" or "bh2" (B(h) = h or 1 - e^-h).
+            lower_order_final: lower the order on the last steps (diffusers' default).
+            others: as dpm_solver_sample_loop.
+        """
+        from dit_models.multistep import unipc_plan
+
+        return self._multistep_sample_loop(
+            "UniPC", lambda a, s: unipc_plan(a, s, order, variant, lower_order_final), model, shape, noise,
+            clip_denoised, denoised_fn, model_kwargs, device, progress, num_steps, time_spacing, denoise_final,
+            timesteps, generator)
+
+    def _multistep_sample_loop(self, name, make_plan, model, shape, noise, clip_denoised, denoised_fn, model_kwargs,
+                               device, progress, num_steps, time_spacing, denoise_final, timesteps, generator):
+        """The DPM-Solver++ / UniPC loop: grid, make_plan(alphas, sigmas), data prediction, multistep_sample."""
+        from dit_models.multistep import multistep_sample
 
         if self.model_mean_type not in (ModelMeanType.EPSILON, ModelMeanType.START_X):
-            raise ValueError("DPM-Solver++ needs an epsilon or x_0 predicting model")
+            raise ValueError(f"{name} needs an epsilon or x_0 predicting model")
         device = _sampling_device(device, noise, generator, model)
         x = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
         if timesteps is None:
@@ -405,7 +436,7 @@ class GaussianDiffusion:
         alphas, sigmas = np.sqrt(abar).tolist(), np.sqrt(1.0 - abar).tolist()
         if denoise_final:
             alphas, sigmas = alphas + [1.0], sigmas + [0.0]
-        plan = dpm_solver_plan(alphas, sigmas, order, third_order)
+        plan = make_plan(alphas, sigmas)
         N, C = x.shape[:2]
         tdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         t_table = torch.tensor(timesteps[:len(plan)], dtype=torch.float64)[:, None].expand(len(plan), N)

@@ -402,16 +402,20 @@ class _DPMSolverSampleFn(_SampleFn):
     """
 
     def __init__(self, transport, t0, t1, num_steps, order, time_spacing, denoise_final, third_order="taylor", **kw):
-        from dit_models.multistep import dpm_solver_plan
-
+        self.third_order = third_order
         times, alphas, sigmas = dpm_solver_grid(transport, t0, t1, num_steps, time_spacing, denoise_final)
         super().__init__(transport, times, **kw)
-        self.method = f"dpm++{order}"
         self.num_steps = num_steps
-        self.plan = dpm_solver_plan(alphas, sigmas, order, third_order)
+        self.method, self.plan = self._make_plan(alphas, sigmas, order)
         a, b = transport.tweedie_coeffs(torch.tensor(times, dtype=torch.float64))
         self.a, self.b = a.tolist(), b.tolist()
         _check_finite("DPM-Solver data prediction", self.a + self.b)
+
+    def _make_plan(self, alphas, sigmas, order):
+        from dit_models.multistep import dpm_solver_plan
+
+        name = f"dpm++{order}" + ("-reference" if order == 3 and self.third_order == "reference" else "")
+        return name, dpm_solver_plan(alphas, sigmas, order, self.third_order)
 
     def _loop(self, x, model, kw, table, max_steps):
         from dit_models.multistep import multistep_sample
@@ -429,6 +433,22 @@ class _DPMSolverSampleFn(_SampleFn):
             return [x]
         traj.append(x)
         return traj
+
+
+class _UniPCSampleFn(_DPMSolverSampleFn):
+    """UniPC (dit_models/multistep.py:unipc_plan) on the DPM-Solver++ grid and data prediction; the trajectory holds
+    the predicted states, at which the network is evaluated."""
+
+    def __init__(self, transport, t0, t1, num_steps, order, variant, time_spacing, denoise_final, lower_order_final,
+                 **kw):
+        self.variant, self.lower_order_final = variant, lower_order_final
+        super().__init__(transport, t0, t1, num_steps, order, time_spacing, denoise_final, **kw)
+
+    def _make_plan(self, alphas, sigmas, order):
+        from dit_models.multistep import unipc_plan
+
+        plan = unipc_plan(alphas, sigmas, order, self.variant, self.lower_order_final)
+        return f"unipc{order}-{self.variant}" + ("" if self.lower_order_final else "-full"), plan
 
 
 class _SDESampleFn(_SampleFn):
@@ -700,6 +720,27 @@ class Sampler:
         return _DPMSolverSampleFn(self.transport, t0, t1, num_steps, order, time_spacing, denoise_final, third_order,
                                   cfg_scale=cfg_scale, guided_channels=guided_channels, null_label=null_label,
                                   cuda_graph=cuda_graph, return_trajectory=return_trajectory)
+
+    def sample_unipc(self, num_steps=20, order=2, variant="bh2", time_spacing="time_uniform", denoise_final=True,
+                     lower_order_final=True, cuda_graph=False, return_trajectory=False, cfg_scale=1.0,
+                     guided_channels=None, null_label=None):
+        """UniPC (Zhao et al. 2023) on the probability-flow ODE, noise (t0) -> data: ONE network evaluation per step
+        (num_steps = NFE), for every path and prediction type; same grid and data prediction as sample_dpm_solver.
+
+        Args:
+            order: 1, 2 (default) or 3: UniPC-p (predictor order p, p + 1 with the corrector).
+            variant: "bh1" or "bh2" (B(h) = h or 1 - e^-h).
+            lower_order_final: lower the order on the last steps, as diffusers (dit_models/multistep.py:unipc_plan).
+            num_steps, time_spacing, denoise_final, cuda_graph, return_trajectory (the states the network is
+                evaluated at, then the final one), cfg_scale, guided_channels, null_label: as sample_dpm_solver.
+        Returns:
+            fn(x, model, **model_kwargs) -> list of states (the last one is the sample).
+        """
+        t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
+                                               sde=False, eval=True)
+        return _UniPCSampleFn(self.transport, t0, t1, num_steps, order, variant, time_spacing, denoise_final,
+                              lower_order_final, cfg_scale=cfg_scale, guided_channels=guided_channels,
+                              null_label=null_label, cuda_graph=cuda_graph, return_trajectory=return_trajectory)
 
     def sample_sde(self, sampling_method="Euler", diffusion_form="SBDM", diffusion_norm=1.0, last_step="Mean",
                    last_step_size=0.04, num_steps=250, cuda_graph=False, return_trajectory=False, cfg_scale=1.0,
