@@ -27,9 +27,13 @@ def sampler_defaults(method, fast=True):
 def add_sampler_args(parser):
     """Sampler flags shared by sample, sample_ddp and evaluate (None = the method's default)."""
     g = parser.add_argument_group("sampler")
-    names = ", ".join(f"{'|'.join(k for k in m.samplers if k != 'dpm++')} ({m.name})" for m in METHODS.values())
+    by_samplers = {}  # methods that share their samplers (EDM) are named together
+    for m in METHODS.values():
+        by_samplers.setdefault("|".join(k for k in m.samplers if k != "dpm++"), []).append(m.name)
+    names = ", ".join(f"{k} ({', '.join(v)})" for k, v in by_samplers.items())
     g.add_argument("--sampler", default=None, help=f"{names}; dpm++ (every method: DPM-Solver++)")
-    steps = ", ".join(f"{m.published['sampler']} {m.published['num_sampling_steps']}" for m in METHODS.values())
+    steps = ", ".join(dict.fromkeys(f"{m.published['sampler']} {m.published['num_sampling_steps']}"
+                                    for m in METHODS.values()))
     g.add_argument("--num-sampling-steps", type=int, default=None, help=f"{steps}, dpm++ 20 (= NFE)")
     g.add_argument("--solver-order", type=int, default=None, choices=[1, 2, 3], help="dpm++: 2 (2M) or 3 (3M)")
     g.add_argument("--time-spacing", default=None, choices=["logSNR", "karras", "time_uniform"],

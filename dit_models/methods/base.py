@@ -1,8 +1,9 @@
 """What a method is: the record every method file (ddpm, sit, maskdit, sddit) fills in.
 
 A new method is one file with one `Method`; a new sampler is one `SamplerSpec` entry in each method file that
-offers it (plus its sampling loop beside the method's others). Nothing outside dit_models/methods/ branches
-on the method name.
+offers it plus its run function there (e.g. "unipc": SamplerSpec(run_unipc, steps_nfe) calling the process's
+UniPC loop, as "dpm++" calls its DPM-Solver++ loop). Nothing outside dit_models/methods/ branches on the
+method name.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -52,7 +53,7 @@ class Method:
     train_defaults: further defaults for flags left unset (None) on the command line.
     model_kwargs(args dict) -> constructor arguments besides the size (label dropout, learned sigma).
     derived_size(cfg, overrides) -> sizes that follow the --depth/--hidden-size/--num-heads overrides.
-    objective(args) -> the training Objective (dit_models.methods.objectives).
+    objective(args) -> the training Objective (below).
     find_unused_parameters: DDP flag (some parameters get no gradient in a step).
     published: the published sampler options; fast: the in-training / evaluation options (DPM-Solver++).
     samplers: {--sampler name: SamplerSpec}, the published one first.
