@@ -66,28 +66,13 @@ def _ema_update(ema_params, params, decay=0.9999):
 
 
 def _loss_fn(method, model, mask_ratio):
-    """Returns step_loss(x, y, step) -> scalar loss for the method's published objective."""
-    if method == "ddpm":
-        from dit_models.diffusion import create_diffusion
+    """Returns step_loss(x, y, step) -> scalar loss for the method's published objective (as dit_models.train)."""
+    from dit_models.train import build_objective, get_parser, resolve_args
 
-        diffusion = create_diffusion(timestep_respacing="")
-
-        def loss(x, y, step):
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-            return diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
-
-        return loss
-    if method == "maskdit":
-        from dit_models.models.maskdit import MaskDiTLoss
-
-        objective = MaskDiTLoss(mask_ratio=mask_ratio)
-        return lambda x, y, step: objective(model, x, y, step=step)["loss"].mean()
-    if method == "sddit":
-        from dit_models.models.sd_dit import SDDiTLoss
-
-        objective = SDDiTLoss()
-        return lambda x, y, step: objective(model, x, y, step=step)["loss"].mean()
-    raise ValueError(method)
+    argv = ["--method", method, "--device", DEVICE] + ([] if mask_ratio is None else ["--mask-ratio", str(mask_ratio)])
+    parser = get_parser()
+    objective = build_objective(resolve_args(parser.parse_args(argv), parser, argv))
+    return lambda x, y, step: objective(model, x, y, step)[0]
 
 
 TRAIN_CASES = {

@@ -86,9 +86,10 @@ def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
     from dit_models.diffusion import create_diffusion
     from dit_models.metrics import score_samples
     from dit_models.generation import load_model_for_sampling
+    from dit_models.methods import get_method
 
     model, method, margs = load_model_for_sampling(ckpt, device="cpu")
-    if method != "ddpm":
+    if not get_method(method).eps_on_beta_schedule:
         raise ValueError(f"{ckpt} is a {method} checkpoint; the diffusers anchor needs a DiT (ddpm) one")
     calls = []
     model.x_embedder.register_forward_hook(lambda m, a, o: calls.append(1))

@@ -5,11 +5,12 @@
 
 Every sampler runs from the same initial noise and labels (labels i mod 10, seed fixed), so the rows differ
 only by the sampler. The evaluations are counted (a forward hook on the patch embedding: one count per
-network batch, i.e. per NFE with or without CFG), not computed from the step count. Samplers per method:
-  ddpm:  ddpm (ancestral), ddim, dpm++2 (2M), dpm++3 (3M)           steps = NFE
+network batch, i.e. per NFE with or without CFG), not computed from the step count. Samplers per method: the
+method's nfe_variants (dit_models/methods/<method>.py), then dpm++2 (2M) and dpm++3 (3M), steps = NFE:
+  ddpm:  ddpm (ancestral), ddim                                      steps = NFE
   sit:   euler (ODE, NFE + 1 grid points), heun (ODE, NFE / 2 + 1 points), sde (Euler-Maruyama, "sigma"
-         form, last step Mean 0.04; NFE grid points), dpm++2, dpm++3   (dopri5 needs torchdiffeq: not run)
-  edm:   heun (EDM Heun, (NFE + 1) / 2 steps), dpm++2, dpm++3          (maskdit, sddit)
+         form, last step Mean 0.04; NFE grid points)                 (dopri5 needs torchdiffeq: not run)
+  edm:   heun (EDM Heun, (NFE + 1) / 2 steps)                        (maskdit, sddit)
 One JSON line per (sampler, NFE, cfg) with fd, accuracy, nfe (counted), seconds; --out appends and a rerun
 skips the (sampler, NFE, cfg) already there for the same checkpoint.
 """
@@ -25,13 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dit_models.metrics import score_samples  # noqa: E402
 from dit_models.generation import generate, load_model_for_sampling, sampler_defaults  # noqa: E402
+from dit_models.methods import METHODS, get_method  # noqa: E402
 
-SAMPLERS = {
-    "ddpm": ["ddpm", "ddim", "dpm++2", "dpm++3"],
-    "sit": ["euler", "heun", "sde", "dpm++2", "dpm++3"],
-    "maskdit": ["heun", "dpm++2", "dpm++3"],
-    "sddit": ["heun", "dpm++2", "dpm++3"],
-}
+# Each method's published solvers at a given NFE (dit_models/methods/<method>.py, nfe_variants), then DPM-Solver++.
+SAMPLERS = {name: [*m.nfe_variants, "dpm++2", "dpm++3"] for name, m in METHODS.items()}
 
 
 def sampler_opts(method, name, nfe, time_spacing=None):
@@ -43,17 +41,7 @@ def sampler_opts(method, name, nfe, time_spacing=None):
             o["time_spacing"] = time_spacing
         return o
     o = sampler_defaults(method, fast=False)
-    if method == "ddpm":
-        o.update(sampler=name, num_sampling_steps=nfe)
-    elif method == "sit":
-        if name == "euler":
-            o.update(sampler="ode", sampling_method="euler", num_sampling_steps=nfe + 1)
-        elif name == "heun":
-            o.update(sampler="ode", sampling_method="heun", num_sampling_steps=max(2, nfe // 2 + 1))
-        else:
-            o.update(sampler="sde", sampling_method="Euler", num_sampling_steps=max(2, nfe))
-    else:
-        o.update(sampler="edm", num_sampling_steps=max(2, (nfe + 1) // 2))
+    o.update(get_method(method).nfe_variants[name](nfe))
     return o
 
 

@@ -21,6 +21,7 @@ import sys
 import torch
 
 from dit_models import utils
+from dit_models.methods import METHODS
 from dit_models.generation import add_sampler_args, decode, generate, load_model_for_sampling, sampler_opts_from_args
 
 IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT sample.py
@@ -45,7 +46,7 @@ def parse_labels(text, num_classes):
 def get_parser():
     p = argparse.ArgumentParser(description="Sample a PNG grid from a DiT / SiT / MaskDiT / SD-DiT checkpoint")
     p.add_argument("--ckpt", required=True, help="dit_models.train checkpoint or a released DiT/SiT/MaskDiT file")
-    p.add_argument("--method", default=None, choices=["ddpm", "sit", "maskdit", "sddit"],
+    p.add_argument("--method", default=None, choices=tuple(METHODS),
                    help="needed for released files (our checkpoints know their method)")
     p.add_argument("--model", default=None, help="registry name for released MaskDiT files")
     p.add_argument("--num-heads", type=int, default=None, help="released files with a non-registry width")

@@ -10,7 +10,7 @@ its labels (uniform over the classes) and noise come from a generator seeded wit
 does not depend on the number of processes, and batches are assigned round-robin to ranks. Every finished
 batch is written to <sample-dir>/<name>_parts/ atomically; a restarted run skips finished batches (resumable).
 uint8 conversion: round((x + 1) * 127.5) by default; --parity-uint8 uses the reference truncation
-clamp(127.5 x + 128) (diffusion_transport D4 #22).
+clamp(127.5 x + 128) of the public sample_ddp.py (for FID parity).
 """
 import argparse
 import os
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dit_models import utils
+from dit_models.methods import METHODS
 from dit_models.generation import add_sampler_args, decode, generate, load_model_for_sampling, sampler_opts_from_args
 
 
@@ -96,7 +97,7 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description="Parallel sampling into an .npz (arr_0 uint8 (N, H, W, 3), labels)")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--method", default=None, choices=["ddpm", "sit", "maskdit", "sddit"])
+    p.add_argument("--method", default=None, choices=tuple(METHODS))
     p.add_argument("--model", default=None, help="registry name for released MaskDiT files")
     p.add_argument("--num-heads", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None)

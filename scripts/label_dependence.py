@@ -31,31 +31,41 @@ def _time_with_snr(path, snr, iters=60):
     return (lo + hi) / 2
 
 
-def clean_prediction(method, args, model, x, abar, y, noise):
-    """(noisy input at this abar, the model's prediction of x given label y)."""
+def _ddpm_prediction(args, model, x, abar, y, noise):
     n, c = x.shape[:2]
-    if method == "ddpm":
-        from dit_models.diffusion import create_diffusion
+    from dit_models.diffusion import create_diffusion
 
-        diffusion = create_diffusion("", noise_schedule=args.get("noise_schedule", "linear"), learn_sigma=True,
-                                     diffusion_steps=args.get("diffusion_steps", 1000))
-        t = int((torch.from_numpy(diffusion.alphas_cumprod) - abar).abs().argmin())
-        ab = float(diffusion.alphas_cumprod[t])
-        xt = ab ** 0.5 * x + (1 - ab) ** 0.5 * noise
-        eps = model(xt, torch.full((n,), t), y)[:, :c]
-        return (xt - (1 - ab) ** 0.5 * eps) / ab ** 0.5
-    if method == "sit":
-        if args.get("prediction", "velocity") != "velocity":
-            raise SystemExit("SiT: only velocity prediction is supported here")
-        from dit_models.transport import create_transport
+    diffusion = create_diffusion("", noise_schedule=args.get("noise_schedule", "linear"), learn_sigma=True,
+                                 diffusion_steps=args.get("diffusion_steps", 1000))
+    t = int((torch.from_numpy(diffusion.alphas_cumprod) - abar).abs().argmin())
+    ab = float(diffusion.alphas_cumprod[t])
+    xt = ab ** 0.5 * x + (1 - ab) ** 0.5 * noise
+    eps = model(xt, torch.full((n,), t), y)[:, :c]
+    return (xt - (1 - ab) ** 0.5 * eps) / ab ** 0.5
 
-        path = create_transport(args.get("path_type", "Linear"), "velocity").path_sampler
-        t = torch.tensor(_time_with_snr(path, abar / (1 - abar)), dtype=torch.float64)
-        a, s, da, ds = (float(f(t)) for f in (path.alpha_t, path.sigma_t, path.d_alpha_t, path.d_sigma_t))
-        xt = a * x + s * noise
-        u = model(xt, torch.full((n,), float(t)), y)[:, :c]
-        return (ds * xt - s * u) / (a * ds - s * da)
-    raise SystemExit(f"method {method!r} is not supported here (ddpm, sit)")
+
+def _sit_prediction(args, model, x, abar, y, noise):
+    n, c = x.shape[:2]
+    if args.get("prediction", "velocity") != "velocity":
+        raise SystemExit("SiT: only velocity prediction is supported here")
+    from dit_models.transport import create_transport
+
+    path = create_transport(args.get("path_type", "Linear"), "velocity").path_sampler
+    t = torch.tensor(_time_with_snr(path, abar / (1 - abar)), dtype=torch.float64)
+    a, s, da, ds = (float(f(t)) for f in (path.alpha_t, path.sigma_t, path.d_alpha_t, path.d_sigma_t))
+    xt = a * x + s * noise
+    u = model(xt, torch.full((n,), float(t)), y)[:, :c]
+    return (ds * xt - s * u) / (a * ds - s * da)
+
+
+PREDICTIONS = {"ddpm": _ddpm_prediction, "sit": _sit_prediction}
+
+
+def clean_prediction(method, args, model, x, abar, y, noise):
+    """The model's prediction of x given label y at this abar (the noisy input is built inside)."""
+    if method not in PREDICTIONS:
+        raise SystemExit(f"method {method!r} is not supported here ({', '.join(PREDICTIONS)})")
+    return PREDICTIONS[method](args, model, x, abar, y, noise)
 
 
 def main(argv=None):

@@ -217,7 +217,7 @@ def test_sit_unipc_default_cfg_trajectory():
     traj = fn(z, target, y=y)
     assert fn.nfe == 9 and target.calls == 9 and target.batch_sizes == [16] * 9
     assert len(traj) == 10 and traj[0].equal(z) and torch.isfinite(traj[-1]).all()
-    assert fn.method == "unipc2-bh2" and fn._config() != Sampler(tr).sample_dpm_solver(9, cfg_scale=2.0)._config()
+    assert fn.solver == "unipc2-bh2" and fn.graph_key() != Sampler(tr).sample_dpm_solver(9, cfg_scale=2.0).graph_key()
 
 
 # ---------------------------------------------------------------------------------------------- EDM

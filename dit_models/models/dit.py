@@ -1,6 +1,8 @@
 """DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, arXiv 2212.09748).
 
-Checkpoint-compatible with the released DiT-XL/2 files (keys and shapes in models.md §10), with two
+Checkpoint-compatible with the released DiT-XL/2 files (292 float32 tensors at depth 28, under the public names:
+fused attn.qkv, adaLN_modulation.1 after the SiLU, t_embedder.mlp.0/.2, mlp.fc1/fc2, y_embedder.embedding_table
+of K + 1 rows, no LayerNorm keys), with two
 code paths over the same parameters:
 - fused=False: plain PyTorch, written like the reference model (``DiTBlock.forward``).
 - fused=True:  dit_kernels ops: patchify + GEMM patch embedding, cross-block fused
@@ -31,6 +33,7 @@ kernels the bf16 attention/MLP outputs as they are and takes h back in bf16 for 
 """
 import math
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dit_kernels
+from dit_models.guidance import cfg_mix
 
 try:  # optional; used only with attn_backend="flash_attn"
     from flash_attn import flash_attn_qkvpacked_func
@@ -62,6 +66,8 @@ __all__ = [
     "get_2d_sincos_pos_embed",
     "get_1d_sincos_pos_embed_from_grid",
     "DiT_models",
+    "SIZES",
+    "size_registry",
 ]
 
 ATTN_BACKENDS = ("sdpa", "flash_attn")
@@ -151,7 +157,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x, fused=False):
         if fused:
-            # Conv with kernel == stride is a GEMM over conv-layout patches (kernels.md §2.1).
+            # Conv with kernel == stride is a GEMM over the patches in the conv weight's (C, p, p) order.
             w = self.proj.weight
             tokens = dit_kernels.patchify(x, self.patch_size)  # (N, T, C*p*p)
             return F.linear(tokens, w.view(w.shape[0], -1), self.proj.bias)  # (N, T, D)
@@ -576,7 +582,7 @@ class DiT(nn.Module):
         return x
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=None, guided_channels=None):
-        """Classifier-free guidance with the public DiT/SiT batch semantics (models.md §8).
+        """Classifier-free guidance with the public DiT/SiT batch semantics: a 2B batch in, a 2B batch out.
 
         x: (2B, C, H, W) laid out [conditional; unconditional]; only x[:B] is used, duplicated.
         y: (2B,) = [labels; null labels]. t: (2B,). cfg_scale: float (or a tensor broadcastable
@@ -601,12 +607,13 @@ class DiT(nn.Module):
         model_out = self.forward(combined, t, y)  # (2B, C_out, H, W)
         eps, rest = model_out[:, :g], model_out[:, g:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        half_eps = cfg_mix(cond_eps, uncond_eps, cfg_scale)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
 
     def forward_guided(self, x, t, y, cfg_scale, cfg_channels=None):
-        """CFG on a B-row state (no duplicated half carried by the sampler, spec D1 #9).
+        """CFG on a B-row state: the sampler carries B rows (the public samplers carry, and add noise to, an
+        ignored duplicate half); the 2B network batch exists only inside this call.
 
         x: (B, C, H, W); t: (B,) or scalar; y: (B,) labels. Builds the 2B network batch
         [x; x] with labels [y; null] and returns the guided (B, C_out, H, W) output (the
@@ -625,8 +632,8 @@ class DiT(nn.Module):
 #################################################################################
 #                   Sine/Cosine Positional Embedding Functions                  #
 #################################################################################
-# MAE layout: https://github.com/facebookresearch/mae/blob/main/util/pos_embed.py (re-derived from
-# models.md §3.4): the first D/2 channels encode the column j, the last D/2 the row i; sine first.
+# MAE layout (facebookresearch/mae util/pos_embed.py): the first D/2 channels encode the column j, the last
+# D/2 the row i; sine first; frequencies 1 / 10000^(k / (D/4)), float64, token tau = i * w + j.
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
@@ -659,57 +666,20 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #################################################################################
 
 
-def DiT_XL_2(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
+# Registry sizes (depth, width, heads) as published for DiT (Peebles & Xie, Table 1); SiT uses the same table.
+SIZES = {
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+}
 
 
-def DiT_XL_4(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
+def size_registry(cls, family, sizes, patch_sizes, **fixed):
+    """{"<family>-<size>/<patch>": functools.partial(cls, patch_size=p, **size, **fixed)}: the keywords of an
+    entry are its architecture (builders read them for size overrides); calling it builds the model."""
+    return {f"{family}-{s}/{p}": partial(cls, patch_size=p, **cfg, **fixed)
+            for s, cfg in sizes.items() for p in patch_sizes}
 
 
-def DiT_XL_8(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-
-
-def DiT_L_2(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-
-
-def DiT_L_4(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-
-
-def DiT_L_8(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-
-
-def DiT_B_2(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-
-
-def DiT_B_4(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-
-
-def DiT_B_8(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-
-
-def DiT_S_2(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-
-
-def DiT_S_4(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-
-
-def DiT_S_8(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-
-
-DiT_models = {
-    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
-    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
-    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
-}  # fmt: skip
+DiT_models = size_registry(DiT, "DiT", SIZES, (2, 4, 8))

@@ -1,6 +1,6 @@
 """MaskDiT: Fast Training of Diffusion Models with Masked Transformers (Zheng et al., TMLR 2024, arXiv 2306.09305).
 
-Spec: maskdit_sddit.md Part 1. An asymmetric encoder-decoder DiT with EDM preconditioning inside: during
+An asymmetric encoder-decoder DiT with EDM preconditioning inside (sigma_data = 0.5): during
 masked training the encoder (DiT blocks) sees only the kept tokens; a bridge (`DecoderLayer`) maps them to the
 decoder width, learnable mask tokens fill the removed positions, and a small decoder (8 x 512) predicts F for
 all tokens. Evaluation/sampling processes all tokens; no masking outside train mode.
@@ -30,7 +30,8 @@ Labels: class_labels may be (N,) int64 in [0, num_classes] (num_classes = null) 
 tensor (all-zero row = null); None means null for every sample. Label dropout (CFG training, p = 0.1) is done
 by MaskDiTLoss with its generator, not by the model.
 
-Checkpoint layout (Anima-Lab/MaskDiT; spec 1.1 for the shapes, issue 13 for the names). The reference wraps the
+Checkpoint layout (Anima-Lab/MaskDiT; at 256 px the label embedding is a bias-free Linear (1152, 1000) on one-hot
+labels, the bridge Linear(1152 -> 2 x 1152) + Linear(1152 -> 512), the mask token (1, 1, 512)). The reference wraps the
 network in an EDMPrecond whose only state is the network under ``model.``; its train.py saves
 {"model", "ema", "opt", "args"} and its sampling scripts read ckpt["ema"]. Inside ``model.`` the names are this
 module's state_dict names, one for one: x_embedder.proj.*, pos_embed, t_embedder.mlp.{0,2}.*,
@@ -54,6 +55,8 @@ import torch.nn.functional as F
 import dit_kernels
 from dit_models.checkpoint import describe_keys, load_state_dict_strict, read_checkpoint
 from dit_models.edm import SIGMA_DATA, edm_loss_weight, precondition, sample_sigma
+from dit_models.guidance import cfg_mix
+from dit_models.models.dit import SIZES as DIT_SIZES
 from dit_models.models.dit import (
     DiTBlock,
     FinalLayer,
@@ -63,6 +66,7 @@ from dit_models.models.dit import (
     get_2d_sincos_pos_embed,
     modulate,
     run_dit_trunk,
+    size_registry,
 )
 
 __all__ = [
@@ -77,6 +81,8 @@ __all__ = [
     "export_maskdit_checkpoint",
     "load_maskdit_checkpoint",
     "MaskDiT_models",
+    "SIZES",
+    "DECODER",
 ]
 
 
@@ -202,7 +208,8 @@ class EncoderDecoderDiT(nn.Module):
         self.final_layer = FinalLayer(decoder_hidden_size, patch_size, self.out_channels, cond_size=hidden_size)
 
     def initialize_weights(self):
-        """DiT scheme (maskdit_sddit.md 1.1); zero init for all adaLN outputs, both bridge Linears, final layer."""
+        """DiT scheme (Xavier-uniform Linears, normal(0.02) embedders, fixed sin-cos pos-embeds); zero init for all
+        adaLN outputs, both bridge Linears, final layer."""
         if self.pos_embed.device.type == "meta":  # shape-only construction (parameter counting)
             return
 
@@ -290,11 +297,12 @@ class EncoderDecoderDiT(nn.Module):
     # ------------------------------------------------------------------------------------------
     # EDM-preconditioned denoiser D(x; sigma)
 
-    def forward_with_cfg(self, x, sigma, class_labels, cfg_scale):
-        """Classifier-free guidance inside the preconditioner, on all C channels of F (maskdit_sddit.md 1.8).
+    def forward_with_cfg(self, x, sigma, class_labels, cfg_scale, cfg_channels=None):
+        """Classifier-free guidance inside the preconditioner, on F (all C channels by default, as published).
 
-        x: (N, C, H, W) (N rows of state; the 2N network batch is built here); class_labels for the
-        conditional branch; the unconditional branch uses the null label. Returns guided D_x (N, C, H, W).
+        x: (N, C, H, W) (N rows of state; the 2N network batch [x; x] with labels [y; null] is built here);
+        class_labels for the conditional branch; the unconditional branch uses the null label (a zero one-hot
+        row). cfg_channels: guide F's first channels only (None = all). Returns guided D_x (N, C, H, W).
         """
         if self.y_embedder is None:
             raise ValueError("forward_with_cfg needs a class-conditional model (num_classes > 0)")
@@ -305,13 +313,18 @@ class EncoderDecoderDiT(nn.Module):
         def F_cfg(x_in, c_noise):
             out = self.network(torch.cat([x_in, x_in]), torch.cat([c_noise, c_noise]), labels)  # (2N, C, H, W)
             F_c, F_u = out.float().chunk(2)
-            return F_u + cfg_scale * (F_c - F_u)
+            return cfg_mix(F_c, F_u, cfg_scale, cfg_channels)
 
         return precondition(F_cfg, x, sigma, self.sigma_data)[0]
 
+    def forward_guided(self, x, sigma, class_labels, cfg_scale, cfg_channels=None):
+        """The sampling contract shared with DiT/SiT: guided output for an N-row state (see forward_with_cfg,
+        which is already on the unduplicated batch here)."""
+        return self.forward_with_cfg(x, sigma, class_labels, cfg_scale, cfg_channels)
+
 
 class MaskDiT(EncoderDecoderDiT):
-    """MaskDiT: EDM-preconditioned asymmetric encoder-decoder DiT with mask tokens (maskdit_sddit.md 1.1-1.5)."""
+    """MaskDiT: EDM-preconditioned asymmetric encoder-decoder DiT with mask tokens filling the removed positions."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -392,13 +405,13 @@ class MaskDiT(EncoderDecoderDiT):
 #################################################################################
 
 def get_mask_ratio_fn(name="constant", ratio_scale=0.5, ratio_min=0.0):
-    """Mask-ratio schedule r(x), x = (step - start) / max_steps clamped to [0, 1] (maskdit_sddit.md 1.2).
+    """Mask-ratio schedule r(x), x = (step - start) / max_steps clamped to [0, 1] (the reference's schedules).
 
     constant: r; cosine2..cosine6 (alias cos2..cos6): (r - r_min) cos(pi x / 2)^k + r_min;
     exp: (r - r_min) e^(-7x) + r_min; linear: (r - r_min)(1 - x) + r_min.
     """
     if name.startswith("cos") and not name.startswith("cosine"):
-        name = "cosine" + name[3:]  # the reference rejects "cos4" (spec 1.11); accept it as an alias
+        name = "cosine" + name[3:]  # the reference's cos4 config names a schedule it rejects; accept it
     if name == "constant":
         return lambda x: ratio_scale
     if name.startswith("cosine") and name[6:] in {"2", "3", "4", "5", "6"}:
@@ -421,7 +434,7 @@ def patchify_output_layout(x, patch_size):
 
 
 def maskdit_loss_terms(D_yn, y, yn, sigma, mask, patch_size, sigma_data=SIGMA_DATA, norm_pix_eps=1e-6):
-    """Per-sample DSM and MAE terms of the MaskDiT loss (maskdit_sddit.md 1.4).
+    """Per-sample DSM and MAE terms of the MaskDiT loss (DSM on the visible tokens, MAE on the masked ones).
 
     Args:
         D_yn: (N, C, H, W) preconditioned output D(y + n; sigma). y: clean latents. yn: noisy input y + n.
@@ -624,46 +637,12 @@ def load_maskdit_checkpoint(model, ckpt_or_path, key="ema"):
 #                                MaskDiT Configs                                #
 #################################################################################
 
-def MaskDiT_H_2(**kwargs):
-    return MaskDiT(depth=32, hidden_size=1280, patch_size=2, num_heads=16, **kwargs)
-
-
-def MaskDiT_XL_2(**kwargs):
-    return MaskDiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-
-
-def MaskDiT_XL_4(**kwargs):
-    return MaskDiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-
-
-def MaskDiT_L_2(**kwargs):
-    return MaskDiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-
-
-def MaskDiT_L_4(**kwargs):
-    return MaskDiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-
-
-def MaskDiT_B_2(**kwargs):
-    return MaskDiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-
-
-def MaskDiT_B_4(**kwargs):
-    return MaskDiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-
-
-def MaskDiT_S_2(**kwargs):
-    return MaskDiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-
-
-def MaskDiT_S_4(**kwargs):
-    return MaskDiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-
+# The DiT sizes plus H (depth 32, width 1280, 16 heads), patches 2 and 4 (H: 2 only); every size has the
+# public 8 x 512 decoder with 16 heads.
+DECODER = dict(decoder_depth=8, decoder_hidden_size=512, decoder_num_heads=16)
+SIZES = {"H": dict(depth=32, hidden_size=1280, num_heads=16), **DIT_SIZES}
 
 MaskDiT_models = {
-    "MaskDiT-H/2": MaskDiT_H_2,
-    "MaskDiT-XL/2": MaskDiT_XL_2, "MaskDiT-XL/4": MaskDiT_XL_4,
-    "MaskDiT-L/2": MaskDiT_L_2, "MaskDiT-L/4": MaskDiT_L_4,
-    "MaskDiT-B/2": MaskDiT_B_2, "MaskDiT-B/4": MaskDiT_B_4,
-    "MaskDiT-S/2": MaskDiT_S_2, "MaskDiT-S/4": MaskDiT_S_4,
-}  # fmt: skip
+    **size_registry(MaskDiT, "MaskDiT", {"H": SIZES["H"]}, (2,), **DECODER),
+    **size_registry(MaskDiT, "MaskDiT", DIT_SIZES, (2, 4), **DECODER),
+}

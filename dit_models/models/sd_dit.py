@@ -1,6 +1,6 @@
 """SD-DiT: Self-supervised Discrimination in Diffusion Transformers (Zhu et al., CVPR 2024, arXiv 2403.17004).
 
-Spec: maskdit_sddit.md Part 2 (working definition 2.3, method 2.4, hyperparameters 2.5). No official code is
+No official code is
 public; this is the project's working definition on top of the MaskDiT backbone (models/maskdit.py):
 - the student encoder sees a [CLS] token plus the visible tokens (mask ratio 0.2) of x_s = x + sigma_s eps;
 - the decoder gets, in token order, the encoded visible tokens and the ORIGINAL invisible tokens (patch
@@ -62,8 +62,9 @@ import torch.nn.functional as F
 
 import dit_kernels
 from dit_models.edm import SIGMA_DATA, edm_coefficients, edm_loss_weight, precondition, sample_sigma
-from dit_models.models.dit import run_dit_trunk
-from dit_models.models.maskdit import EncoderDecoderDiT, _unwrap, drop_labels, labels_to_one_hot
+from dit_models.models.dit import SIZES as DIT_SIZES
+from dit_models.models.dit import run_dit_trunk, size_registry
+from dit_models.models.maskdit import DECODER, EncoderDecoderDiT, _unwrap, drop_labels, labels_to_one_hot
 
 __all__ = ["ProjectionHead", "SDDiTTeacher", "SDDiT", "SDDiTLoss", "SDDiT_models"]
 
@@ -274,7 +275,8 @@ class SDDiT(EncoderDecoderDiT):
 #################################################################################
 
 class SDDiTLoss:
-    """SD-DiT objective: L = L_gen + lambda L_dis (maskdit_sddit.md 2.4), plus the teacher/center schedules.
+    """SD-DiT objective: L = L_gen (EDM) + lambda L_dis (student-teacher cross-entropy), plus the teacher/center
+    schedules.
 
     Called as ``loss(model, x, y, step=None, generator=None)``:
         x: (N, C, H, W) clean latents; y: (N,) int64 labels, (N, K) one-hot, or None.
@@ -374,41 +376,5 @@ class SDDiTLoss:
 #                                 SD-DiT Configs                                #
 #################################################################################
 
-def SDDiT_XL_2(**kwargs):
-    return SDDiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-
-
-def SDDiT_XL_4(**kwargs):
-    return SDDiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-
-
-def SDDiT_L_2(**kwargs):
-    return SDDiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-
-
-def SDDiT_L_4(**kwargs):
-    return SDDiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-
-
-def SDDiT_B_2(**kwargs):
-    return SDDiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-
-
-def SDDiT_B_4(**kwargs):
-    return SDDiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-
-
-def SDDiT_S_2(**kwargs):
-    return SDDiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-
-
-def SDDiT_S_4(**kwargs):
-    return SDDiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-
-
-SDDiT_models = {
-    "SD-DiT-XL/2": SDDiT_XL_2, "SD-DiT-XL/4": SDDiT_XL_4,
-    "SD-DiT-L/2": SDDiT_L_2, "SD-DiT-L/4": SDDiT_L_4,
-    "SD-DiT-B/2": SDDiT_B_2, "SD-DiT-B/4": SDDiT_B_4,
-    "SD-DiT-S/2": SDDiT_S_2, "SD-DiT-S/4": SDDiT_S_4,
-}  # fmt: skip
+# The DiT sizes, patches 2 and 4, with MaskDiT's 8 x 512 decoder.
+SDDiT_models = size_registry(SDDiT, "SD-DiT", DIT_SIZES, (2, 4), **DECODER)

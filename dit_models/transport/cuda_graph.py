@@ -1,25 +1,32 @@
-"""Capture a whole fixed-step sampling loop in one CUDA graph and replay it.
+"""CUDA graphs for sampling: the one helper module (every sampler that captures a graph uses these pieces).
 
-Capturing the whole loop (rather than one step) lets every per-step scalar (time, coefficients,
-noise std) stay a host constant baked into the graph, so a replay runs exactly the kernels of the
-eager loop: with the same generator state the result equals eager sampling. The graph is cached
-and replayed on later calls with the same sampler configuration, shapes, dtypes, model, generator
-and keyword arguments (the inputs are copied into static buffers first), which is where the
-speed-up comes from. The cache is module-wide and holds ONE graph (so a script that builds a new
-sample function per batch still replays); call reset_cuda_graphs() to free its memory pool.
+Three capture schemes, all built on LoopGraph's primitives (_warmup, _new_graph, _record, so a CPU fake of those
+three covers every scheme in tests/test_samplers.py):
+
+* per step (capture_replay): SiT's Euler-Maruyama SDE captures one step (network forward with CFG +
+  dit_kernels.sde_euler_maruyama_step_table, whose per-step scalars come from a device table indexed by a device
+  step counter) and replays it num_steps - 2 times; nothing is cached and the first call is already fast. This
+  is the scheme benchmarks/RESULTS.md measures: SiT-XL/2 SDE at batch 1, 3.14 s/image fused eager -> 0.82 with
+  the graph (launch-bound), unchanged at batch 64 (GEMM-bound).
+* whole loop (LoopGraph, GRAPH_CACHE): SiT's other fixed-step samplers capture the loop once, with every
+  per-step scalar a host constant baked into the graph, so a replay runs exactly the kernels of the eager loop;
+  with the same generator state the result equals eager sampling. The cache is module-wide and holds ONE graph
+  (a script that builds a new sample function per batch still replays), keyed by graph_key(): the sampler's
+  configuration, each coefficient named explicitly, plus the input signature, model and generator.
+  reset_cuda_graphs() frees its memory pool.
+* per network call (GraphedCall): the DDPM and EDM samplers replay one graph of the network call per input
+  shape (static input buffers).
 
 Random numbers: the generator (or the default CUDA generator) is saved before the warm-up step and
 restored after capture, so the replay draws the same Philox stream an eager call would. A custom
 torch.Generator is registered with the graph (CUDAGraph.register_generator_state).
 
-Euler-Maruyama SDE sampling uses a lighter scheme instead (sampler.py): one step (network forward
-with CFG + dit_kernels.sde_euler_maruyama_step_table, whose per-step scalars come from a device
-table indexed by a device step counter) is captured per call with capture_replay() and replayed
-num_steps - 2 times; nothing is cached, and the first call is already fast.
+Only the per-step scheme has a measured benefit so far; the other two are kept for the --cuda-graph flag of
+every sampler and await a GPU measurement (benchmarks/bench_model.py).
 """
 import torch
 
-__all__ = ["LoopGraph", "GRAPH_CACHE", "reset_cuda_graphs", "warmup", "capture_replay"]
+__all__ = ["LoopGraph", "GRAPH_CACHE", "GraphedCall", "reset_cuda_graphs", "warmup", "capture_replay"]
 
 
 def _signature(config, x, model, kwargs, generator):
@@ -52,7 +59,8 @@ class LoopGraph:
         self.__init__()
 
     def run(self, loop, x, model, kwargs, generator=None, config=None, owner=None):
-        """Replay (capturing first if the signature changed); config: hashable sampler settings."""
+        """Replay (capturing first if the signature changed); config: the sampler's graph_key(), a hashable
+        tuple naming everything the loop bakes in."""
         key = _signature(config, x, model, kwargs, generator)
         if key != self.key:
             self._capture(loop, x, kwargs, generator)
@@ -139,3 +147,28 @@ def capture_replay(fn, generator, device):
     graph = LoopGraph._new_graph(generator)
     LoopGraph._record(graph, fn)
     return graph.replay
+
+
+class GraphedCall:
+    """fn(*args) replayed from one CUDA graph per input signature (tensor shapes and dtypes, other arguments by
+    value); the tensor inputs are copied into static buffers first. Inference only; returns a copy of the output."""
+
+    def __init__(self, fn):
+        self.fn, self.graphs = fn, {}
+
+    def __call__(self, *args):
+        key = tuple((a.shape, a.dtype) if torch.is_tensor(a) else a for a in args)
+        if key not in self.graphs:
+            static_in = [a.clone() if torch.is_tensor(a) else a for a in args]
+            device = next(a.device for a in args if torch.is_tensor(a))
+            # Two warm-up calls outside the graph (cuBLAS workspaces, autotuning).
+            LoopGraph._warmup(lambda: [self.fn(*static_in) for _ in range(2)], device)
+            graph = LoopGraph._new_graph(None)
+            static_out = LoopGraph._record(graph, lambda: self.fn(*static_in))
+            self.graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self.graphs[key]
+        for dst, src in zip(static_in, args):
+            if torch.is_tensor(src):
+                dst.copy_(src)
+        graph.replay()
+        return static_out.clone()

@@ -1,23 +1,29 @@
-"""SiT samplers: probability-flow ODE, reverse SDE and ODE likelihood (diffusion_transport.md B6-B8).
+"""SiT samplers: probability-flow ODE, reverse SDE, DPM-Solver++ and the ODE likelihood.
 
 Drop-in for the public SiT `Sampler`: `Sampler(transport).sample_ode(...)`, `.sample_sde(...)` and
 `.sample_ode_likelihood(...)` return callables `fn(x, model, **model_kwargs)`, and the public idiom
 `samples = sample_fn(z, model_fn, **model_kwargs)[-1]` keeps working. Differences from the public
-code (diffusion_transport.md D1), all deliberate:
+code, all deliberate:
 
-* One network evaluation per drift evaluation (D1#1): the network output is turned into v and s with
-  the affine B5 conversions (Transport.drift_coeffs), f = v + D * s. Euler-Maruyama uses the fused
-  dit_kernels.sde_euler_maruyama_step with host-side fp64 coefficients (kernels.md 2.5).
+* One network evaluation per drift evaluation (the public drift and score each call the network: 2
+  evaluations per Euler-Maruyama step): the network output is turned into v and s with the affine
+  conversions between predictions (Transport.drift_coeffs), f = v + D * s. Euler-Maruyama uses the
+  fused dit_kernels.sde_euler_maruyama_step (x' = a x + b out + std * noise, with the CFG mix of the 2B
+  output inside) with host-side fp64 coefficients.
 * The time grid and every coefficient are computed once on the host in fp64; the loop does no
-  host<->device traffic and no sync; noise comes from a torch.Generator on the state's device (D1#2).
-* The returned list holds only the final state unless return_trajectory=True (D1#3). With
+  host<->device traffic and no sync; noise comes from a torch.Generator on the state's device (the
+  public loop draws it on the CPU and copies it every step).
+* The returned list holds only the final state unless return_trajectory=True (the public loop keeps
+  all 250 states alive). With
   return_trajectory=True: SDE -> num_steps states (after each step, as SiT), ODE -> num_steps
   states including the start (as torchdiffeq).
-* Diffusion form "increasing-decreasing" is accepted, as is SiT's misspelling (D1#4); SBDM never
-  starts at a singular t = 0 (D1#5, see Transport.check_interval); "Tweedie" is per sample (D1#7).
-* Likelihood: one forward per function evaluation and one Hutchinson probe per solve, from data to
-  log p (nats) and bits/dim (D1#8).
-* Classifier-free guidance, two ways (D1#9):
+* Diffusion form "increasing-decreasing" is accepted, as is SiT's misspelling "inccreasing-decreasing";
+  SBDM never starts at its singular t = 0 (see Transport.check_interval); the "Tweedie" last step uses
+  each sample's own alpha_t, sigma_t (the public code reads batch element 0's).
+* Likelihood: one forward per function evaluation (the public drift runs the network twice) and one
+  Hutchinson probe per solve (the public one redraws it every call), from data to log p (nats) and
+  bits/dim.
+* Classifier-free guidance, two ways (the public samplers carry a duplicated 2B state):
     - public: model = model.forward_with_cfg on a 2B state [z; z], kwargs y = [y; y_null] and
       cfg_scale; the sampler treats it as an ordinary model (keep the first B rows at the end);
     - efficient: sample_sde(..., cfg_scale=w, guided_channels=None) (also sample_ode) with a B-row
@@ -25,13 +31,14 @@ code (diffusion_transport.md D1), all deliberate:
       and guidance is applied inside the fused step (or before the drift for ODE / Heun). y_null is
       `null_label` if given, else model.num_classes (or model.y_embedder.num_classes, also through
       a bound method's owner). guided_channels=None guides all C channels; 3 reproduces the public
-      3-channel quirk (D2#10). Only the `y` keyword is doubled; other keywords pass unchanged.
+      quirk of guiding 3 of 4 channels. Only the `y` keyword is doubled; other keywords pass unchanged.
 * reverse=True (and the likelihood) run the same interval [t0, t1] backwards, t1 -> t0. SiT maps
   the interval to (1 - t0, 1 - t1) instead; that is identical for Linear and GVP (symmetric
   intervals) and avoids the singular t = 1 of VP.
 * cuda_graph=True (fixed-step methods, CUDA only); same generator state -> same samples as eager:
     - SDE "Euler": one step (forward + fused step reading its scalars from a device coefficient
-      table, kernels.md 2.5) is captured per call and replayed num_steps - 2 times; no cache;
+      table indexed by a device step counter) is captured per call and replayed num_steps - 2 times;
+      no cache;
     - every other fixed-step method: the whole loop is captured once and replayed (cuda_graph.py);
       the graph is cached module-wide (one entry) and replayed by later calls with the same
       configuration and input signature, even from a new sample function; reset_cuda_graphs()
@@ -48,6 +55,7 @@ from typing import NamedTuple
 import torch
 
 from dit_kernels import sde_euler_maruyama_step
+from dit_models.guidance import cfg_mix
 
 from . import cuda_graph
 from .cuda_graph import GRAPH_CACHE, reset_cuda_graphs
@@ -78,7 +86,7 @@ def _norm_form(form):
 
 
 def diffusion_coefficient(form, path, t, norm=1.0):
-    """D(t) of the SDE dX = [v + D s] dt + sqrt(2 D) dW (B7); t = 1 is data.
+    """D(t) of the reverse SDE dX = [v + D s] dt + sqrt(2 D) dW; t = 1 is data.
 
     constant: norm; SBDM: norm * drift_var(t); sigma: norm * sigma_t; linear: norm * (1 - t);
     decreasing: (norm * cos(pi t) + 1)^2 / 4; increasing-decreasing: norm * sin(pi t)^2.
@@ -111,16 +119,16 @@ class LikelihoodResult(NamedTuple):
 _ADAPTIVE_RK = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
-def _odeint_options(method, t_grid):
-    return dict(options=dict(step_t=t_grid[-1:])) if method in _ADAPTIVE_RK else {}
+def _odeint_options(solver, t_grid):
+    return dict(options=dict(step_t=t_grid[-1:])) if solver in _ADAPTIVE_RK else {}
 
 
-def _torchdiffeq(method):
+def _torchdiffeq(solver):
     try:
         import torchdiffeq
     except ImportError as e:
         raise ImportError(
-            f"sampling_method={method!r} needs torchdiffeq (pip install torchdiffeq); without it use one of "
+            f"sampling_method={solver!r} needs torchdiffeq (pip install torchdiffeq); without it use one of "
             f"the built-in fixed-step methods {ODE_FIXED_METHODS}") from e
     return torchdiffeq
 
@@ -165,13 +173,11 @@ class _SampleFn:
         self.nfe = 0  # network evaluations of the last eager call (for tests and benchmarks)
         self._tables = {}
 
-    def _config(self):
-        """Everything a captured loop bakes in, as a hashable key (see cuda_graph.py)."""
-        coeffs = tuple(tuple(v) if isinstance(v, list) else v for k, v in sorted(vars(self).items())
-                       if k in ("a", "b", "coef_x", "coef_out", "noise_std", "last_coeffs", "method", "num_steps",
-                                "last_step", "dt", "plan"))
+    def graph_key(self):
+        """Everything a captured loop bakes in besides its tensor inputs, each named here: a cached graph is
+        replayed only when every item is equal (cuda_graph.LoopGraph). Subclasses append their coefficients."""
         return (type(self).__name__, tuple(self.times), self.cfg_scale, self.guided_channels, self.null_label,
-                self.return_trajectory, coeffs)
+                self.return_trajectory)
 
     # ------------------------------------------------------------------ network
 
@@ -215,10 +221,7 @@ class _SampleFn:
         o = out[:, :c].to(x.dtype)
         if not self.cfg:
             return o
-        cond, uncond = o[:b], o[b:]
-        guided = uncond + self.cfg_scale * (cond - uncond)
-        g = c if self.guided_channels is None else min(int(self.guided_channels), c)
-        return guided if g == c else torch.cat([guided[:, :g], cond[:, g:]], dim=1)
+        return cfg_mix(o[:b], o[b:], self.cfg_scale, self.guided_channels)
 
     def _model_out(self, model, x, t_row, kw):
         return self._guide(self._forward(model, x, t_row, kw), x)
@@ -242,7 +245,7 @@ class _SampleFn:
 
         with torch.no_grad():
             if self.cuda_graph and self._graph_ok(x):
-                out = GRAPH_CACHE.run(loop, x, model, model_kwargs, self.generator, self._config(), owner=self)
+                out = GRAPH_CACHE.run(loop, x, model, model_kwargs, self.generator, self.graph_key(), owner=self)
             else:
                 out = loop(x, model_kwargs)
         return out if in_dtype == x.dtype else [o.to(in_dtype) for o in out]
@@ -267,27 +270,30 @@ def _check_finite(name, values):
 class _ODESampleFn(_SampleFn):
     """Fixed-step probability-flow ODE (euler, heun, midpoint, rk4) or a torchdiffeq solver."""
 
-    def __init__(self, transport, t_start, t_end, num_steps, method, atol, rtol, **kw):
-        self.method = method
+    def __init__(self, transport, t_start, t_end, num_steps, solver, atol, rtol, **kw):
+        self.solver = solver
         self.num_steps = num_steps
         self.atol, self.rtol = atol, rtol
         grid = torch.linspace(t_start, t_end, num_steps, dtype=torch.float64)
         self.dt = float(grid[1] - grid[0]) if num_steps > 1 else 0.0
         times = grid
-        if method in ("midpoint", "rk4"):
+        if solver in ("midpoint", "rk4"):
             times = torch.cat([grid, grid[:-1] + self.dt / 2])  # rows S.. are the half steps
         super().__init__(transport, times.tolist(), **kw)
-        self.adaptive = method not in ODE_FIXED_METHODS
+        self.adaptive = solver not in ODE_FIXED_METHODS
         if self.adaptive:
-            self.torchdiffeq = _torchdiffeq(method)
+            self.torchdiffeq = _torchdiffeq(solver)
         a, b = transport.drift_coeffs(times)
         self.a, self.b = a.tolist(), b.tolist()
         _check_finite("ODE drift", self.a + self.b)
         self.grid = grid
 
+    def graph_key(self):
+        return super().graph_key() + (self.solver, self.num_steps, self.dt, tuple(self.a), tuple(self.b))
+
     def _graph_ok(self, x):
         if self.adaptive:
-            warnings.warn(f"cuda_graph=True is ignored for the adaptive solver {self.method!r}", stacklevel=3)
+            warnings.warn(f"cuda_graph=True is ignored for the adaptive solver {self.solver!r}", stacklevel=3)
             return False
         return super()._graph_ok(x)
 
@@ -303,12 +309,12 @@ class _ODESampleFn(_SampleFn):
         steps = s - 1 if max_steps is None else min(max_steps, s - 1)
         for k in range(steps):
             k1 = self._drift(model, x, table, k, kw)
-            if self.method == "euler":
+            if self.solver == "euler":
                 x = x + dt * k1
-            elif self.method == "heun":
+            elif self.solver == "heun":
                 k2 = self._drift(model, x + dt * k1, table, k + 1, kw)
                 x = x + (dt / 2) * (k1 + k2)
-            elif self.method == "midpoint":
+            elif self.solver == "midpoint":
                 x = x + dt * self._drift(model, x + (dt / 2) * k1, table, s + k, kw)
             else:  # classic fourth-order Runge-Kutta
                 k2 = self._drift(model, x + (dt / 2) * k1, table, s + k, kw)
@@ -328,8 +334,8 @@ class _ODESampleFn(_SampleFn):
             out = self._model_out(model, x_, t.reshape(1).expand(n_net).clone(), kw)
             return a.to(x_.dtype) * x_ + b.to(x_.dtype) * out
 
-        traj = self.torchdiffeq.odeint(f, x, t_grid, method=self.method, atol=self.atol, rtol=self.rtol,
-                                       **_odeint_options(self.method, t_grid))
+        traj = self.torchdiffeq.odeint(f, x, t_grid, method=self.solver, atol=self.atol, rtol=self.rtol,
+                                       **_odeint_options(self.solver, t_grid))
         return list(traj) if self.return_trajectory else [traj[-1]]
 
 
@@ -406,7 +412,7 @@ class _DPMSolverSampleFn(_SampleFn):
         times, alphas, sigmas = dpm_solver_grid(transport, t0, t1, num_steps, time_spacing, denoise_final)
         super().__init__(transport, times, **kw)
         self.num_steps = num_steps
-        self.method, self.plan = self._make_plan(alphas, sigmas, order)
+        self.solver, self.plan = self._make_plan(alphas, sigmas, order)
         a, b = transport.tweedie_coeffs(torch.tensor(times, dtype=torch.float64))
         self.a, self.b = a.tolist(), b.tolist()
         _check_finite("DPM-Solver data prediction", self.a + self.b)
@@ -416,6 +422,9 @@ class _DPMSolverSampleFn(_SampleFn):
 
         name = f"dpm++{order}" + ("-reference" if order == 3 and self.third_order == "reference" else "")
         return name, dpm_solver_plan(alphas, sigmas, order, self.third_order)
+
+    def graph_key(self):
+        return super().graph_key() + (self.solver, self.num_steps, tuple(self.plan), tuple(self.a), tuple(self.b))
 
     def _loop(self, x, model, kw, table, max_steps):
         from dit_models.multistep import multistep_sample
@@ -452,10 +461,10 @@ class _UniPCSampleFn(_DPMSolverSampleFn):
 
 
 class _SDESampleFn(_SampleFn):
-    """Euler-Maruyama or stochastic Heun on num_steps - 1 steps, then the last step (B7)."""
+    """Euler-Maruyama or stochastic Heun on num_steps - 1 steps, then the last step (Mean, Tweedie, Euler)."""
 
-    def __init__(self, transport, method, form, norm, last_step, last_step_size, num_steps, t0, t1, **kw):
-        self.method = method
+    def __init__(self, transport, solver, form, norm, last_step, last_step_size, num_steps, t0, t1, **kw):
+        self.solver = solver
         self.num_steps = num_steps
         self.last_step = last_step
         grid = torch.linspace(t0, t1, num_steps, dtype=torch.float64)
@@ -465,11 +474,11 @@ class _SDESampleFn(_SampleFn):
         _check_finite(f"diffusion form {form!r}", diffusion.tolist())
         a, b = transport.drift_coeffs(grid, diffusion)  # f = a x + b out at every grid time
         self.a, self.b = a.tolist(), b.tolist()
-        # Euler-Maruyama: x_mean = (1 + a dt) x + b dt out, noise std sqrt(2 D dt) (kernels.md 2.5).
+        # Euler-Maruyama: x_mean = (1 + a dt) x + b dt out, noise std sqrt(2 D dt) (the fused step's scalars).
         self.coef_x = (1 + a * dt).tolist()
         self.coef_out = (b * dt).tolist()
         self.noise_std = torch.sqrt(2 * diffusion * dt).tolist()
-        _check_finite("SDE drift", self.a[:-1] + self.b[:-1] + (self.a[-1:] + self.b[-1:] if method == "heun" else []))
+        _check_finite("SDE drift", self.a[:-1] + self.b[:-1] + (self.a[-1:] + self.b[-1:] if solver == "heun" else []))
         # Last step at t1 with size h (identity for None).
         t_last = grid[-1:]
         if last_step == "Mean":
@@ -484,6 +493,11 @@ class _SDESampleFn(_SampleFn):
             la, lb = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         self.last_coeffs = (float(la), float(lb))
         _check_finite(f"last step {last_step!r}", list(self.last_coeffs))
+
+    def graph_key(self):
+        return super().graph_key() + (self.solver, self.num_steps, self.last_step, self.dt, tuple(self.a),
+                                      tuple(self.b), tuple(self.coef_x), tuple(self.coef_out), tuple(self.noise_std),
+                                      self.last_coeffs)
 
     def _randn(self, x):
         return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
@@ -513,7 +527,7 @@ class _SDESampleFn(_SampleFn):
         return _lin(x, la, self._model_out(model, x, table[self.num_steps - 1], kw), lb)
 
     def _use_step_graph(self):
-        return self.method == "euler" and sde_euler_maruyama_step_table is not None
+        return self.solver == "euler" and sde_euler_maruyama_step_table is not None
 
     def __call__(self, x, model, **model_kwargs):
         if not (self.cuda_graph and self._use_step_graph() and self._graph_ok(x)):
@@ -564,7 +578,7 @@ class _SDESampleFn(_SampleFn):
 
     def _loop(self, x, model, kw, table, max_steps):
         kw = self._net_kwargs(kw, self.cfg)
-        step = self._em_step if self.method == "euler" else self._heun_step
+        step = self._em_step if self.solver == "euler" else self._heun_step
         traj = [] if self.return_trajectory else None
         steps = self.num_steps - 1 if max_steps is None else min(max_steps, self.num_steps - 1)
         for k in range(steps):
@@ -583,14 +597,14 @@ class _SDESampleFn(_SampleFn):
 class _LikelihoodFn(_SampleFn):
     """log p(x) by the instantaneous change of variables along the PF-ODE, data (t1) -> noise (t0)."""
 
-    def __init__(self, transport, t0, t1, num_steps, method, atol, rtol, generator=None):
+    def __init__(self, transport, t0, t1, num_steps, solver, atol, rtol, generator=None):
         grid = torch.linspace(t1, t0, num_steps, dtype=torch.float64)  # backwards in time
         super().__init__(transport, grid.tolist(), generator=generator)
-        self.method, self.num_steps, self.atol, self.rtol = method, num_steps, atol, rtol
+        self.solver, self.num_steps, self.atol, self.rtol = solver, num_steps, atol, rtol
         self.dt = float(grid[1] - grid[0])
-        self.adaptive = method not in ("euler", "heun")
+        self.adaptive = solver not in ("euler", "heun")
         if self.adaptive:
-            self.torchdiffeq = _torchdiffeq(method)
+            self.torchdiffeq = _torchdiffeq(solver)
         a, b = transport.drift_coeffs(grid)
         self.a, self.b = a.tolist(), b.tolist()
         _check_finite("likelihood drift", self.a + self.b)
@@ -618,7 +632,7 @@ class _LikelihoodFn(_SampleFn):
             x = x.float()  # integrate fp16/bf16 data in fp32
         model_kwargs, table = self._prepare(x, model, model_kwargs)
         self.nfe = 0
-        # One Rademacher probe per solve (fix D1#8: SiT redraws it at every function call).
+        # One Rademacher probe per solve (SiT redraws it at every function call).
         probe = torch.randint(0, 2, x.shape, generator=self.generator, device=x.device).to(x.dtype) * 2 - 1
         if self.adaptive:
             z, acc = self._adaptive(x, model, model_kwargs, table, probe)
@@ -633,7 +647,7 @@ class _LikelihoodFn(_SampleFn):
         acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for k in range(self.num_steps - 1):
             v1, d1 = self._v_div(model, x, table[k], self.a[k], self.b[k], probe, kw)
-            if self.method == "euler":
+            if self.solver == "euler":
                 x, acc = x + dt * v1, acc + dt * d1
             else:
                 v2, d2 = self._v_div(model, x + dt * v1, table[k + 1], self.a[k + 1], self.b[k + 1], probe, kw)
@@ -651,8 +665,8 @@ class _LikelihoodFn(_SampleFn):
             return v, div
 
         acc0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        xs, accs = self.torchdiffeq.odeint(f, (x, acc0), t_grid, method=self.method, atol=self.atol, rtol=self.rtol,
-                                           **_odeint_options(self.method, t_grid))
+        xs, accs = self.torchdiffeq.odeint(f, (x, acc0), t_grid, method=self.solver, atol=self.atol, rtol=self.rtol,
+                                           **_odeint_options(self.solver, t_grid))
         return xs[-1], accs[-1]
 
 
@@ -669,7 +683,7 @@ class Sampler:
     def sample_ode(self, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False,
                    cuda_graph=False, return_trajectory=False, cfg_scale=1.0, guided_channels=None,
                    null_label=None):
-        """Probability-flow ODE sampler (B6), noise (t0) -> data (t1), or data -> noise with reverse=True.
+        """Probability-flow ODE sampler dx = v dt, noise (t0) -> data (t1), or data -> noise with reverse=True.
 
         Args:
             sampling_method: "euler", "heun" (alias "heun2"), "midpoint", "rk4" (built in, num_steps - 1
@@ -683,13 +697,13 @@ class Sampler:
         Returns:
             fn(x, model, **model_kwargs) -> list of states (the last one is the sample).
         """
-        method = _ODE_ALIASES.get(sampling_method.lower(), sampling_method.lower())
+        solver = _ODE_ALIASES.get(sampling_method.lower(), sampling_method.lower())
         if num_steps < 2:
             raise ValueError("num_steps must be >= 2")
         t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
                                                sde=False, eval=True)
         start, end = (t1, t0) if reverse else (t0, t1)
-        return _ODESampleFn(self.transport, start, end, num_steps, method, atol, rtol, cfg_scale=cfg_scale,
+        return _ODESampleFn(self.transport, start, end, num_steps, solver, atol, rtol, cfg_scale=cfg_scale,
                             guided_channels=guided_channels, null_label=null_label, cuda_graph=cuda_graph,
                             return_trajectory=return_trajectory)
 
@@ -745,13 +759,13 @@ class Sampler:
     def sample_sde(self, sampling_method="Euler", diffusion_form="SBDM", diffusion_norm=1.0, last_step="Mean",
                    last_step_size=0.04, num_steps=250, cuda_graph=False, return_trajectory=False, cfg_scale=1.0,
                    guided_channels=None, null_label=None, generator=None):
-        """Reverse-SDE sampler (B7): dX = [v + D s] dt + sqrt(2 D) dW from t0 (noise) to t1, then a last step.
+        """Reverse-SDE sampler: dX = [v + D s] dt + sqrt(2 D) dW from t0 (noise) to t1, then a last step.
 
         Args:
             sampling_method: "Euler" (Euler-Maruyama, fused kernel, 1 evaluation per step) or "Heun"
                 (2 evaluations per step).
             diffusion_form: "constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"
-                (or the public misspelling "inccreasing-decreasing"); D = diffusion_norm * ... (B7).
+                (or the public misspelling "inccreasing-decreasing"); D = diffusion_norm * ... (diffusion_coefficient).
                 SiT's CLI default, used for its reported SDE numbers, is "sigma".
             last_step: None, "Mean" (x + f h), "Tweedie" (E[x1 | x]) or "Euler" (x + v h), at t1 = 1 - h.
             last_step_size: h (ignored, set to 0, when last_step is None).
@@ -761,8 +775,8 @@ class Sampler:
         Returns:
             fn(x, model, **model_kwargs) -> list of states (the last one is the sample).
         """
-        method = sampling_method.lower()
-        if method not in SDE_METHODS:
+        solver = sampling_method.lower()
+        if solver not in SDE_METHODS:
             raise ValueError(f"unknown SDE sampling_method {sampling_method!r}; choose 'Euler' or 'Heun'")
         form = _norm_form(diffusion_form)
         if last_step not in LAST_STEPS:
@@ -774,13 +788,14 @@ class Sampler:
         t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
                                                diffusion_form=form, sde=True, eval=True,
                                                last_step_size=last_step_size)
-        return _SDESampleFn(self.transport, method, form, diffusion_norm, last_step, last_step_size, num_steps,
+        return _SDESampleFn(self.transport, solver, form, diffusion_norm, last_step, last_step_size, num_steps,
                             t0, t1, cfg_scale=cfg_scale, guided_channels=guided_channels, null_label=null_label,
                             generator=generator, cuda_graph=cuda_graph, return_trajectory=return_trajectory)
 
     def sample_ode_likelihood(self, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3,
                               generator=None):
-        """Log-likelihood of data under the PF-ODE (B8), Hutchinson trace with one probe per solve.
+        """Log-likelihood of data under the PF-ODE (instantaneous change of variables), Hutchinson trace with one
+        probe per solve.
 
         Args:
             sampling_method: "euler" or "heun" (built in, num_steps grid points) or a torchdiffeq method
@@ -789,9 +804,9 @@ class Sampler:
         Returns:
             fn(x, model, **model_kwargs) -> LikelihoodResult(logp (N,) nats, bpd (N,) bits/dim, z).
         """
-        method = _ODE_ALIASES.get(sampling_method.lower(), sampling_method.lower())
+        solver = _ODE_ALIASES.get(sampling_method.lower(), sampling_method.lower())
         if num_steps < 2:
             raise ValueError("num_steps must be >= 2")
         t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
                                                sde=False, eval=True)
-        return _LikelihoodFn(self.transport, t0, t1, num_steps, method, atol, rtol, generator=generator)
+        return _LikelihoodFn(self.transport, t0, t1, num_steps, solver, atol, rtol, generator=generator)
