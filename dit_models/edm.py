@@ -1,6 +1,7 @@
 """EDM formulation (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models").
 
-Used by MaskDiT and SD-DiT (spec: diffusion_transport.md Part C, maskdit_sddit.md 1.4/1.5/1.9).
+Used by MaskDiT and SD-DiT (EDM preconditioning with sigma_data = 0.5, the EDM loss weight and Karras
+schedule, and EDM's deterministic Heun sampler, Algorithm 2 of Karras et al. 2022).
 
 Public API
 ----------

@@ -1,4 +1,4 @@
-"""DiT's discrete Gaussian diffusion (DDPM / improved DDPM), written from diffusion_transport.md Part A.
+"""DiT's discrete Gaussian diffusion (DDPM / improved DDPM), as in the improved-diffusion code DiT ships.
 
 Tables are float64 numpy arrays; per-sample lookups use float32 device copies of them (made once
 per device), so sampling loops do no host<->device traffic besides launching kernels. Noise can come
