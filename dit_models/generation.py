@@ -6,6 +6,7 @@ Used by dit_models.sample, sample_ddp, evaluate and train (in-training grids, qu
 import torch
 from tqdm.auto import tqdm
 
+from dit_models.guidance_interval import check_guidance_interval
 from dit_models.methods import METHODS, Sampling, get_method, sampler_flags
 
 # ---------------------------------------------------------------------------------------------------------
@@ -31,11 +32,21 @@ def add_sampler_args(parser):
     for m in METHODS.values():
         by_samplers.setdefault("|".join(k for k in m.samplers if k != "dpm++"), []).append(m.name)
     names = ", ".join(f"{k} ({', '.join(v)})" for k, v in by_samplers.items())
-    g.add_argument("--sampler", default=None, help=f"{names}; dpm++ (every method: DPM-Solver++)")
+    g.add_argument("--sampler", default=None, help=f"{names}; dpm++ (every method: DPM-Solver++); unipc (every "
+                                                    "method: UniPC, Zhao et al. 2023)")
     steps = ", ".join(dict.fromkeys(f"{m.published['sampler']} {m.published['num_sampling_steps']}"
                                     for m in METHODS.values()))
     g.add_argument("--num-sampling-steps", type=int, default=None, help=f"{steps}, dpm++ 20 (= NFE)")
-    g.add_argument("--solver-order", type=int, default=None, choices=[1, 2, 3], help="dpm++: 2 (2M) or 3 (3M)")
+    g.add_argument("--solver-order", type=int, default=None, choices=[1, 2, 3],
+                   help="dpm++: 2 (2M) or 3 (3M); unipc: UniPC-p, p + 1 with the corrector")
+    g.add_argument("--third-order", default=None, choices=["taylor", "reference"],
+                   help="dpm++ 3M update: taylor (third order; default) or reference (diffusers' / k-diffusion's 3M, "
+                        "whose x0'' term is half the Taylor one: second order; to reproduce their samples)")
+    g.add_argument("--unipc-variant", default=None, choices=["bh1", "bh2"], help="unipc B(h): bh2 (default) or bh1")
+    g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only where the noise level is in [LO, HI], in the process's own variable (ddpm: "
+                        "step t, 0 = data, 999 = noise; sit: t, 0 = noise, 1 = data; edm: sigma); elsewhere the "
+                        "network runs once on the conditional batch")
     g.add_argument("--time-spacing", default=None, choices=["logSNR", "karras", "time_uniform"],
                    help="dpm++ grid for the time-indexed processes (default time_uniform; EDM keeps its sigma grid)")
     for f in sampler_flags():
@@ -54,10 +65,10 @@ def sampler_opts_from_args(args, method, fast=False):
     if requested not in (None, opts["sampler"]):
         # Another sampler than the default one starts from its own settings: DPM-Solver++'s are the fast
         # defaults, every other sampler's the published ones (plus what choosing it sets).
-        opts = m.sampler_defaults(fast=requested == "dpm++")
+        opts = m.sampler_defaults(fast=requested in ("dpm++", "unipc"))
         if requested in m.samplers:
             opts.update(m.samplers[requested].chosen)
-    for k in ("sampler", "num_sampling_steps", "solver_order", "time_spacing"):
+    for k in ("sampler", "num_sampling_steps", "solver_order", "time_spacing", "third_order", "unipc_variant"):
         if getattr(args, k, None) is not None:
             opts[k] = getattr(args, k)
     for f in sampler_flags():
@@ -65,6 +76,9 @@ def sampler_opts_from_args(args, method, fast=False):
             opts[f.dest] = f.option(getattr(args, f.dest))
     m.sampler(opts)  # the sampler applies to the method
     opts["guided_channels"] = getattr(args, "guided_channels", None)
+    interval = check_guidance_interval(getattr(args, "guidance_interval", None))
+    if interval is not None:
+        opts["guidance_interval"] = list(interval)
     opts["cuda_graph"] = bool(getattr(args, "cuda_graph", False))
     return opts
 
@@ -80,7 +94,7 @@ def sampler_nfe(method, opts):
 
 @torch.no_grad()
 def generate(method, model, labels, opts=None, cfg_scale=1.0, generator=None, method_args=None, batch_size=64,
-             noise=None, progress=False):
+             noise=None, progress=False, stats=None):
     """Class-conditional samples in the model's input space (pixels or latents), (N, C, H, W) float32.
 
     Args:
@@ -94,6 +108,8 @@ def generate(method, model, labels, opts=None, cfg_scale=1.0, generator=None, me
         method_args: the training args (dict or namespace) for the noise process (path type, prediction...).
         noise: optional (N, C, H, W) initial noise (overrides the generator draw).
         progress: a tqdm bar of network evaluations on stderr (shown on a terminal only).
+        stats: optional dict, filled with the network calls per batch ("nfe") and how many of them ran the 2B
+            guided batch ("guided_nfe"; fewer than nfe with a guidance interval), averaged over the batches.
     """
     m = get_method(method)
     opts = dict(m.sampler_defaults() if opts is None else opts)
@@ -110,7 +126,8 @@ def generate(method, model, labels, opts=None, cfg_scale=1.0, generator=None, me
     bar = tqdm(total=nfe * batches if nfe else None, unit="NFE", disable=None if progress else True, leave=False,
                desc=f"{method} {opts['sampler']}: {len(labels)} samples, cfg {cfg_scale:g}")
     sampling = Sampling(cfg_scale=cfg_scale, guided_channels=opts.get("guided_channels"), method_args=method_args,
-                        bar=bar, cuda_graph=bool(opts.get("cuda_graph")) and device.type == "cuda")
+                        bar=bar, cuda_graph=bool(opts.get("cuda_graph")) and device.type == "cuda",
+                        guidance_interval=check_guidance_interval(opts.get("guidance_interval")))
     try:
         for i in range(0, len(labels), batch_size):
             y = labels[i : i + batch_size].to(device)
@@ -123,6 +140,8 @@ def generate(method, model, labels, opts=None, cfg_scale=1.0, generator=None, me
     finally:
         bar.close()
         model.train(was_training)
+    if stats is not None:
+        stats.update(nfe=sampling.calls / max(batches, 1), guided_nfe=sampling.guided_calls / max(batches, 1))
     return torch.cat(out)
 
 

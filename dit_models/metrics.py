@@ -161,12 +161,14 @@ def evaluate_model(method, model, num_samples=500, cfg_scale=1.0, method_args=No
     opts.update(sampler_opts or {})
     gen = torch.Generator().manual_seed(seed + 777)
     t0 = time.time()
+    counts = {}
     x = generate(method, model, labels, opts, cfg_scale=cfg_scale, generator=gen, method_args=method_args,
-                 batch_size=batch_size, progress=progress)
+                 batch_size=batch_size, progress=progress, stats=counts)
     seconds = time.time() - t0
     res = score_samples(x.cpu(), labels.cpu(), size)
+    # guided_nfe: of the nfe evaluations, those on the 2B guided batch (fewer with a guidance interval)
     res.update(cfg_scale=cfg_scale, sampler={k: v for k, v in opts.items()}, nfe=sampler_nfe(method, opts),
-               sampling_seconds=seconds, seed=seed)
+               guided_nfe=counts.get("guided_nfe"), sampling_seconds=seconds, seed=seed)
     res["_samples"] = x.cpu()
     return res
 

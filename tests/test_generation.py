@@ -30,6 +30,10 @@ def _model(method):
     ("maskdit", dict(sampler="dpm++", num_sampling_steps=4, solver_order=2)),
     ("sddit", dict(sampler="edm", num_sampling_steps=3)),
     ("sddit", dict(num_sampling_steps=3)),                        # fast default: DPM-Solver++(2M)
+    ("ddpm", dict(sampler="unipc", num_sampling_steps=5, unipc_variant="bh1")),
+    ("sit", dict(sampler="unipc", num_sampling_steps=5, solver_order=3)),
+    ("maskdit", dict(sampler="unipc", num_sampling_steps=4)),
+    ("sddit", dict(sampler="unipc", num_sampling_steps=3)),
 ])
 def test_network_evaluations_match_sampler_nfe(method, opts, cfg_scale):
     model = _model(method)
@@ -54,3 +58,80 @@ def test_network_evaluations_match_sampler_nfe(method, opts, cfg_scale):
     generate(method, model, labels, opts, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0),
              batch_size=3, progress=True)
     assert len(calls) == sampler_nfe(method, opts)  # guided: still one (2B-batch) call per evaluation
+
+
+def _call_kinds(model, batch):
+    """"g" for every outermost guided network call (forward_guided / forward_with_cfg, or forward on the 2B
+    batch, as the SiT sampler calls it), "c" for a conditional-only one."""
+    kinds, depth = [], [0]
+
+    def wrap(fn, guided):
+        def wrapper(x, *args, **kwargs):
+            if depth[0] == 0:
+                kinds.append("g" if guided or x.shape[0] == 2 * batch else "c")
+            depth[0] += 1
+            try:
+                return fn(x, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return wrapper
+
+    model.forward = wrap(model.forward, False)
+    for name in ("forward_guided", "forward_with_cfg"):
+        if hasattr(model, name):
+            setattr(model, name, wrap(getattr(model, name), True))
+    return kinds
+
+
+# Intervals inside each process's own noise variable that hold some but not all of the 6 evaluations.
+@pytest.mark.parametrize("method, sampler, interval", [
+    ("ddpm", "unipc", (300.0, 999.0)), ("ddpm", "dpm++", (300.0, 999.0)), ("ddpm", "ddim", (300.0, 999.0)),
+    ("sit", "unipc", (0.0, 0.5)), ("sit", "dpm++", (0.0, 0.5)), ("sit", "sde", (0.0, 0.5)),
+    ("maskdit", "unipc", (1.0, 80.0)), ("sddit", "dpm++", (1.0, 80.0)),
+])
+def test_guidance_interval_runs_the_conditional_batch_outside_it(method, sampler, interval):
+    from dit_models.generation import sampler_opts_from_args
+    from types import SimpleNamespace
+
+    labels = torch.arange(3)
+    args = SimpleNamespace(sampler=sampler, num_sampling_steps=6, guidance_interval=list(interval))
+    opts = sampler_opts_from_args(args, method)
+    assert opts["guidance_interval"] == list(interval)
+    model = _model(method)
+    kinds = _call_kinds(model, 3)
+    stats = {}
+    x = generate(method, model, labels, opts, cfg_scale=3.0, generator=torch.Generator().manual_seed(0), batch_size=3,
+                 stats=stats)
+    assert torch.isfinite(x).all()
+    assert set(kinds) == {"g", "c"} and len(kinds) == sampler_nfe(method, opts) == stats["nfe"]
+    assert stats["guided_nfe"] == kinds.count("g")
+    # Noise end first: the guided calls come first in every interval here, and stop once it is left.
+    assert kinds == sorted(kinds, key=lambda k: k != "g"), kinds
+
+    # An interval holding every evaluation is plain guidance, bit for bit.
+    everywhere = dict(opts, guidance_interval=[-1e9, 1e9])
+    plain = dict(opts)
+    del plain["guidance_interval"]
+    runs = [generate(method, _model(method), labels, o, cfg_scale=3.0, generator=torch.Generator().manual_seed(0),
+                     batch_size=3) for o in (everywhere, plain)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_guidance_interval_flag_is_checked():
+    from dit_models.generation import sampler_opts_from_args
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="LO <= HI"):
+        sampler_opts_from_args(SimpleNamespace(guidance_interval=[0.7, 0.3]), "sit")
+
+
+def test_unipc_flags_pick_unipc_with_its_defaults():
+    from dit_models.generation import sampler_opts_from_args
+    from types import SimpleNamespace
+
+    for method in ("ddpm", "sit", "maskdit", "sddit"):
+        opts = sampler_opts_from_args(SimpleNamespace(sampler="unipc"), method)
+        assert opts["sampler"] == "unipc" and opts["unipc_variant"] == "bh2" and opts["num_sampling_steps"] == 20
+        assert sampler_nfe(method, opts) == 20
+    opts = sampler_opts_from_args(SimpleNamespace(sampler="dpm++", solver_order=3, third_order="reference"), "ddpm")
+    assert opts["third_order"] == "reference"

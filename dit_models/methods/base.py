@@ -102,6 +102,11 @@ class Method:
         return self.samplers[kind]
 
 
+def unipc_options(published, time_spacing):
+    """What --sampler unipc starts from: UniPC bh2, order 2 (diffusers' defaults), 20 steps = 20 NFE."""
+    return dict(fast_options(published, time_spacing), sampler="unipc", unipc_variant="bh2")
+
+
 def fast_options(published, time_spacing):
     """The in-training / evaluation sampler of every method: DPM-Solver++(2M), 20 steps = 20 NFE, which on the
     digits checkpoints matches or beats each method's 250-step sampler (docs/results.md)."""
@@ -129,6 +134,10 @@ class Sampling:
     output channels only (None = all). generator: torch.Generator on the model's device for the sampler's noise.
     method_args: the training args (dict or namespace) of the noise process. bar: progress bar (one update per
     network evaluation). cuda_graph: capture the network call / loop in a CUDA graph (CUDA only).
+    guidance_interval: (lo, hi) in the process's own noise variable (DDPM step t, SiT t, EDM sigma): guide only
+    there; elsewhere the network runs once on the B conditional rows (dit_models/guidance_interval.py).
+    calls, guided_calls: network evaluations so far, and how many of them ran the 2B guided batch (counted on
+    eager runs; a replayed CUDA graph of a whole SiT loop counts its capture only).
     """
 
     cfg_scale: float = 1.0
@@ -137,12 +146,26 @@ class Sampling:
     method_args: object = None
     bar: object = None
     cuda_graph: bool = False
+    guidance_interval: Optional[tuple] = None
+    calls: int = 0
+    guided_calls: int = 0
 
     @property
     def guided(self):
         return self.cfg_scale != 1.0
 
+    def guides_at(self, t):
+        """Whether the network call at noise level t (a tensor of equal entries) runs guided. With an interval
+        this reads t on the host: one sync per network call (DDPM and EDM sampling only)."""
+        if not self.guided:
+            return False
+        if self.guidance_interval is None:
+            return True
+        lo, hi = self.guidance_interval
+        return lo <= float(t.reshape(-1)[0]) <= hi
+
     def count(self):
+        self.calls += 1
         if self.bar is not None:
             self.bar.update(1)
 
@@ -176,19 +199,23 @@ def network(model, sampling, guided_channels=True):
     guided_channels=False guides every channel whatever --guided-channels says (EDM guides all of F).
     """
     channels = sampling.guided_channels if guided_channels else None
-    if sampling.guided:
-        def net(x, t, y):
-            return model.forward_guided(x, t, y, sampling.cfg_scale, cfg_channels=channels)
-    else:
-        def net(x, t, y):
-            return model(x, t, y)
-    if sampling.cuda_graph:
+
+    def guided(x, t, y):
+        return model.forward_guided(x, t, y, sampling.cfg_scale, cfg_channels=channels)
+
+    def conditional(x, t, y):
+        return model(x, t, y)
+
+    if sampling.cuda_graph:  # one graph per call kind: the interval's choice is made outside them
         from dit_models.transport.cuda_graph import GraphedCall
 
-        net = GraphedCall(net)
+        guided, conditional = GraphedCall(guided), GraphedCall(conditional)
 
     def counted(x, t, y):
         sampling.count()
-        return net(x, t, y)
+        if sampling.guides_at(t):
+            sampling.guided_calls += 1
+            return guided(x, t, y)
+        return conditional(x, t, y)
 
     return counted

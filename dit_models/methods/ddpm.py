@@ -5,7 +5,7 @@ the interpolation v of its log variance between beta_t and the posterior varianc
 loss = MSE(eps) + the variational bound term (with a stop-gradient on the mean, Nichol & Dhariwal's hybrid loss).
 Published sampler: 250 ancestral steps respaced evenly over the 1000 ("ddpm"); "ddim" on the same respacing.
 """
-from .base import Flag, Method, Objective, SamplerSpec, fast_options, margs, network, steps_nfe
+from .base import Flag, Method, Objective, SamplerSpec, fast_options, margs, network, steps_nfe, unipc_options
 
 
 def _models():
@@ -71,7 +71,16 @@ def run_dpm_solver(model, z, y, opts, sampling):
     return diffusion.dpm_solver_sample_loop(network(model, sampling), z.shape, num_steps=int(opts["num_sampling_steps"]),
                                             order=int(opts.get("solver_order", 2)),
                                             time_spacing=opts.get("time_spacing") or "time_uniform",
+                                            third_order=opts.get("third_order") or "taylor",
                                             **_loop_kwargs(z, y, sampling))
+
+
+def run_unipc(model, z, y, opts, sampling):
+    diffusion = _diffusion(model, opts, sampling, "")  # on the base schedule, as DPM-Solver++
+    return diffusion.unipc_sample_loop(network(model, sampling), z.shape, num_steps=int(opts["num_sampling_steps"]),
+                                       order=int(opts.get("solver_order", 2)), variant=opts.get("unipc_variant", "bh2"),
+                                       time_spacing=opts.get("time_spacing") or "time_uniform",
+                                       **_loop_kwargs(z, y, sampling))
 
 
 # ---------------------------------------------------------------------------------------------- released files
@@ -127,7 +136,8 @@ METHOD = Method(
     # uniform-logSNR and Karras grids at 10 and 20 NFE (docs/results.md).
     fast=fast_options(PUBLISHED, "time_uniform"),
     samplers={"ddpm": SamplerSpec(run_ancestral, steps_nfe), "ddim": SamplerSpec(run_ddim, steps_nfe),
-              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe)},
+              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe),
+              "unipc": SamplerSpec(run_unipc, steps_nfe, unipc_options(PUBLISHED, "time_uniform"))},
     load_released=load_released_dit(_dit_class, "DiT"),
     train_flags=(
         Flag(("--noise-schedule",), dict(default="linear", choices=["linear", "squaredcos_cap_v2"], help="ddpm")),

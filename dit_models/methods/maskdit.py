@@ -7,7 +7,7 @@ an MAE loss on the masked ones. Published sampler: EDM's Heun (Algorithm 2) on 4
 """
 import torch
 
-from .base import Flag, Method, MethodUnavailable, Objective, SamplerSpec, fast_options, given, network, steps_nfe
+from .base import Flag, Method, MethodUnavailable, Objective, SamplerSpec, fast_options, given, network, steps_nfe, unipc_options
 
 
 def _models():
@@ -72,7 +72,18 @@ def run_dpm_solver(model, z, y, opts, sampling):
     net = network(model, sampling, guided_channels=False)
     return edm_dpm_solver_sampler(net, z, class_labels=y, num_steps=int(opts["num_sampling_steps"]),
                                   sigma_min=opts["sigma_min"], sigma_max=opts["sigma_max"], rho=opts["rho"],
-                                  order=int(opts.get("solver_order", 2))).float()
+                                  order=int(opts.get("solver_order", 2)),
+                                  third_order=opts.get("third_order") or "taylor").float()
+
+
+def run_unipc(model, z, y, opts, sampling):
+    """UniPC on EDM's own Karras sigma grid (rho 7), as DPM-Solver++."""
+    from dit_models.edm import edm_unipc_sampler
+
+    net = network(model, sampling, guided_channels=False)
+    return edm_unipc_sampler(net, z, class_labels=y, num_steps=int(opts["num_sampling_steps"]),
+                             sigma_min=opts["sigma_min"], sigma_max=opts["sigma_max"], rho=opts["rho"],
+                             order=int(opts.get("solver_order", 2)), variant=opts.get("unipc_variant", "bh2")).float()
 
 
 def edm_nfe(opts):
@@ -95,7 +106,8 @@ def load_released(ckpt, device, model_name=None, num_heads=None, image_size=None
 
 EDM_PUBLISHED = {"sampler": "edm", "num_sampling_steps": 40, "sigma_min": 0.002, "sigma_max": 80.0,
                  "rho": 7.0, "S_churn": 0.0, "S_min": 0.0, "S_max": float("inf"), "S_noise": 1.0}
-EDM_SAMPLERS = {"edm": SamplerSpec(run_edm, edm_nfe), "dpm++": SamplerSpec(run_dpm_solver, steps_nfe)}
+EDM_SAMPLERS = {"edm": SamplerSpec(run_edm, edm_nfe), "dpm++": SamplerSpec(run_dpm_solver, steps_nfe),
+                "unipc": SamplerSpec(run_unipc, steps_nfe, unipc_options(EDM_PUBLISHED, None))}
 EDM_NFE_VARIANTS = {"heun": lambda nfe: dict(sampler="edm", num_sampling_steps=max(2, (nfe + 1) // 2))}
 EDM_SAMPLER_FLAGS = (
     Flag(("--S-churn",), dict(type=float, default=None, help="edm churn (0 = deterministic)")),

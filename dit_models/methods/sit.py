@@ -5,7 +5,7 @@ velocity (or score / noise). Published samplers: the probability-flow ODE with d
 output times; built-in Heun without torchdiffeq) and the reverse SDE (Euler-Maruyama, diffusion D_t = sigma_t,
 a last "Mean" step of size 0.04, 250 grid points).
 """
-from .base import Flag, Method, Objective, SamplerSpec, fast_options, margs, steps_nfe
+from .base import Flag, Method, Objective, SamplerSpec, fast_options, margs, steps_nfe, unipc_options
 from .ddpm import load_released_dit, model_kwargs
 
 
@@ -46,7 +46,8 @@ def _sampler(model, sampling):
     # Guidance inside the transport sampler (the fused Euler-Maruyama step mixes the 2N output itself); the
     # null label is given here because the sampler cannot read it off the counting wrapper of model.forward.
     common = dict(cfg_scale=sampling.cfg_scale, guided_channels=sampling.guided_channels,
-                  cuda_graph=sampling.cuda_graph, null_label=model.y_embedder.num_classes if sampling.guided else None)
+                  cuda_graph=sampling.cuda_graph, null_label=model.y_embedder.num_classes if sampling.guided else None,
+                  guidance_interval=sampling.guidance_interval)
     return Sampler(transport), common
 
 
@@ -55,7 +56,9 @@ def _run(fn, model, z, y, sampling):
         sampling.count()
         return model.forward(*args, **kwargs)
 
-    return fn(z, counted, y=y)[-1]
+    out = fn(z, counted, y=y)[-1]
+    sampling.guided_calls += fn.guided_nfe
+    return out
 
 
 def run_ode(model, z, y, opts, sampling):
@@ -76,7 +79,15 @@ def run_sde(model, z, y, opts, sampling):
 def run_dpm_solver(model, z, y, opts, sampling):
     sampler, common = _sampler(model, sampling)
     fn = sampler.sample_dpm_solver(int(opts["num_sampling_steps"]), int(opts.get("solver_order", 2)),
-                                   opts.get("time_spacing") or "time_uniform", **common)
+                                   opts.get("time_spacing") or "time_uniform",
+                                   third_order=opts.get("third_order") or "taylor", **common)
+    return _run(fn, model, z, y, sampling)
+
+
+def run_unipc(model, z, y, opts, sampling):
+    sampler, common = _sampler(model, sampling)
+    fn = sampler.sample_unipc(int(opts["num_sampling_steps"]), int(opts.get("solver_order", 2)),
+                              opts.get("unipc_variant", "bh2"), opts.get("time_spacing") or "time_uniform", **common)
     return _run(fn, model, z, y, sampling)
 
 
@@ -121,7 +132,8 @@ METHOD = Method(
     published=PUBLISHED,
     fast=fast_options(PUBLISHED, "time_uniform"),
     samplers={"ode": SamplerSpec(run_ode, ode_nfe), "sde": SamplerSpec(run_sde, sde_nfe, {"sampling_method": "Euler"}),
-              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe)},
+              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe),
+              "unipc": SamplerSpec(run_unipc, steps_nfe, unipc_options(PUBLISHED, "time_uniform"))},
     load_released=load_released_dit(_sit_class, "SiT"),
     train_flags=(
         Flag(("--path-type",), dict(default="Linear", choices=["Linear", "GVP", "VP"], help="sit")),

@@ -160,7 +160,9 @@ class _SampleFn:
     """Shared machinery: host time grid -> device time table, network call with optional CFG."""
 
     def __init__(self, transport, times, cfg_scale=1.0, guided_channels=None, null_label=None, generator=None,
-                 cuda_graph=False, return_trajectory=False):
+                 cuda_graph=False, return_trajectory=False, guidance_interval=None):
+        from dit_models.guidance_interval import check_guidance_interval
+
         self.transport = transport
         self.times = list(times)  # host floats; row r of the device time table is times[r]
         self.cfg_scale = float(cfg_scale)
@@ -170,14 +172,18 @@ class _SampleFn:
         self.generator = generator
         self.cuda_graph = cuda_graph
         self.return_trajectory = return_trajectory
+        # Guide only at times t in [lo, hi] (dit_models/guidance_interval.py); elsewhere the network runs on the
+        # B conditional rows only. Decided from the host grid, so captured loops bake it in.
+        self.guidance_interval = check_guidance_interval(guidance_interval) if self.cfg else None
         self.nfe = 0  # network evaluations of the last eager call (for tests and benchmarks)
+        self.guided_nfe = 0  # of which on the 2B [cond; uncond] batch
         self._tables = {}
 
     def graph_key(self):
         """Everything a captured loop bakes in besides its tensor inputs, each named here: a cached graph is
         replayed only when every item is equal (cuda_graph.LoopGraph). Subclasses append their coefficients."""
         return (type(self).__name__, tuple(self.times), self.cfg_scale, self.guided_channels, self.null_label,
-                self.return_trajectory)
+                self.return_trajectory, self.guidance_interval)
 
     # ------------------------------------------------------------------ network
 
@@ -209,22 +215,37 @@ class _SampleFn:
             kw["y"] = torch.cat([y, torch.full_like(y, y_null)])
         return kw
 
-    def _forward(self, model, x, t_row, kw):
-        """Raw network output: (B, C_out, ...) or, with CFG, (2B, C_out, ...) laid out [cond; uncond]."""
+    def _guides_at(self, t_host):
+        """Whether the call at host time t_host runs guided (the 2B batch)."""
+        if not self.cfg:
+            return False
+        if self.guidance_interval is None:
+            return True
+        lo, hi = self.guidance_interval
+        return lo <= t_host <= hi
+
+    def _forward(self, model, x, t_row, kw, t_host=None):
+        """Raw network output: (B, C_out, ...) or, guided, (2B, C_out, ...) laid out [cond; uncond]. With CFG,
+        t_row and kw["y"] hold 2B rows; outside the guidance interval only their first (conditional) B run."""
         self.nfe += 1
-        xin = torch.cat([x, x]) if self.cfg else x
-        return model(xin, t_row, **kw)
+        if self._guides_at(t_host):
+            self.guided_nfe += 1
+            return model(torch.cat([x, x]), t_row, **kw)
+        if not self.cfg:
+            return model(x, t_row, **kw)
+        b = x.shape[0]
+        return model(x, t_row[:b], **{k: v[:b] if k == "y" else v for k, v in kw.items()})
 
     def _guide(self, out, x):
-        """First C channels of the output with CFG applied: (B, C, ...) in x's dtype."""
+        """First C channels of the output with CFG applied (when it ran guided): (B, C, ...) in x's dtype."""
         b, c = x.shape[:2]
         o = out[:, :c].to(x.dtype)
-        if not self.cfg:
+        if out.shape[0] == b:
             return o
         return cfg_mix(o[:b], o[b:], self.cfg_scale, self.guided_channels)
 
-    def _model_out(self, model, x, t_row, kw):
-        return self._guide(self._forward(model, x, t_row, kw), x)
+    def _model_out(self, model, x, t_row, kw, t_host=None):
+        return self._guide(self._forward(model, x, t_row, kw, t_host), x)
 
     # ------------------------------------------------------------------ entry point
 
@@ -238,7 +259,7 @@ class _SampleFn:
         if x.is_floating_point() and x.element_size() < 4:
             x = x.float()
         model_kwargs, table = self._prepare(x, model, model_kwargs)
-        self.nfe = 0
+        self.nfe = self.guided_nfe = 0
 
         def loop(x_, kw_, max_steps=None):
             return self._loop(x_, model, kw_, table, max_steps)
@@ -298,7 +319,7 @@ class _ODESampleFn(_SampleFn):
         return super()._graph_ok(x)
 
     def _drift(self, model, x, table, row, kw):
-        return _lin(x, self.a[row], self._model_out(model, x, table[row], kw), self.b[row])
+        return _lin(x, self.a[row], self._model_out(model, x, table[row], kw, self.times[row]), self.b[row])
 
     def _loop(self, x, model, kw, table, max_steps):
         kw = self._net_kwargs(kw, self.cfg)
@@ -331,7 +352,8 @@ class _ODESampleFn(_SampleFn):
 
         def f(t, x_):
             a, b = self.transport.drift_coeffs(t.reshape(1))
-            out = self._model_out(model, x_, t.reshape(1).expand(n_net).clone(), kw)
+            t_host = float(t) if self.guidance_interval is not None else None  # the solver syncs anyway
+            out = self._model_out(model, x_, t.reshape(1).expand(n_net).clone(), kw, t_host)
             return a.to(x_.dtype) * x_ + b.to(x_.dtype) * out
 
         traj = self.torchdiffeq.odeint(f, x, t_grid, method=self.solver, atol=self.atol, rtol=self.rtol,
@@ -435,7 +457,7 @@ class _DPMSolverSampleFn(_SampleFn):
         def data_prediction(x_, i):
             if traj is not None and i > 0:
                 traj.append(x_)
-            return _lin(x_, self.a[i], self._model_out(model, x_, table[i], kw), self.b[i])
+            return _lin(x_, self.a[i], self._model_out(model, x_, table[i], kw, self.times[i]), self.b[i])
 
         x = multistep_sample(x, data_prediction, self.plan, max_steps)
         if traj is None:
@@ -504,10 +526,10 @@ class _SDESampleFn(_SampleFn):
 
     def _em_step(self, model, x, table, k, kw, noise=None):
         """One Euler-Maruyama step from grid index k: one network evaluation, fused CFG + update."""
-        out = self._forward(model, x, table[k], kw)  # (B or 2B, C_out, ...), any float dtype
+        out = self._forward(model, x, table[k], kw, self.times[k])  # (B or 2B, C_out, ...), any float dtype
         x_next, _ = sde_euler_maruyama_step(
             x, out, self.coef_x[k], self.coef_out[k], self.noise_std[k],
-            cfg_scale=self.cfg_scale if self.cfg else 1.0, guided_channels=self.guided_channels,
+            cfg_scale=self.cfg_scale if out.shape[0] != x.shape[0] else 1.0, guided_channels=self.guided_channels,
             noise=noise, generator=self.generator)
         return x_next
 
@@ -515,19 +537,21 @@ class _SDESampleFn(_SampleFn):
         """Stochastic Heun as in SiT: noise first, then a trapezoidal drift step (two evaluations)."""
         dt = self.dt
         x_hat = x + self.noise_std[k] * (self._randn(x) if noise is None else noise)
-        k1 = _lin(x_hat, self.a[k], self._model_out(model, x_hat, table[k], kw), self.b[k])
+        k1 = _lin(x_hat, self.a[k], self._model_out(model, x_hat, table[k], kw, self.times[k]), self.b[k])
         x_p = x_hat + dt * k1
-        k2 = _lin(x_p, self.a[k + 1], self._model_out(model, x_p, table[k + 1], kw), self.b[k + 1])
+        k2 = _lin(x_p, self.a[k + 1], self._model_out(model, x_p, table[k + 1], kw, self.times[k + 1]), self.b[k + 1])
         return x_hat + (dt / 2) * (k1 + k2)
 
     def _last(self, model, x, table, kw):
         if self.last_step is None:
             return x
         la, lb = self.last_coeffs
-        return _lin(x, la, self._model_out(model, x, table[self.num_steps - 1], kw), lb)
+        row = self.num_steps - 1
+        return _lin(x, la, self._model_out(model, x, table[row], kw, self.times[row]), lb)
 
     def _use_step_graph(self):
-        return self.solver == "euler" and sde_euler_maruyama_step_table is not None
+        # One captured step replayed for every step: it cannot switch between the guided and conditional batch.
+        return self.solver == "euler" and sde_euler_maruyama_step_table is not None and self.guidance_interval is None
 
     def __call__(self, x, model, **model_kwargs):
         if not (self.cuda_graph and self._use_step_graph() and self._graph_ok(x)):
@@ -536,7 +560,7 @@ class _SDESampleFn(_SampleFn):
         if x.element_size() < 4:
             x = x.float()
         model_kwargs, table = self._prepare(x, model, model_kwargs)
-        self.nfe = 0
+        self.nfe = self.guided_nfe = 0
         with torch.no_grad():
             out = self._em_step_graph_loop(x, model, self._net_kwargs(model_kwargs, self.cfg), table)
         return out if in_dtype == x.dtype else [o.to(in_dtype) for o in out]
@@ -631,7 +655,7 @@ class _LikelihoodFn(_SampleFn):
         if x.element_size() < 4:
             x = x.float()  # integrate fp16/bf16 data in fp32
         model_kwargs, table = self._prepare(x, model, model_kwargs)
-        self.nfe = 0
+        self.nfe = self.guided_nfe = 0
         # One Rademacher probe per solve (SiT redraws it at every function call).
         probe = torch.randint(0, 2, x.shape, generator=self.generator, device=x.device).to(x.dtype) * 2 - 1
         if self.adaptive:
@@ -682,7 +706,7 @@ class Sampler:
 
     def sample_ode(self, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False,
                    cuda_graph=False, return_trajectory=False, cfg_scale=1.0, guided_channels=None,
-                   null_label=None):
+                   null_label=None, guidance_interval=None):
         """Probability-flow ODE sampler dx = v dt, noise (t0) -> data (t1), or data -> noise with reverse=True.
 
         Args:
@@ -694,6 +718,8 @@ class Sampler:
             cuda_graph: capture the fixed-step loop in a CUDA graph (see module docstring).
             return_trajectory: return all num_steps states (start included) instead of [final].
             cfg_scale, guided_channels, null_label: efficient guidance on a B-row state (module docstring).
+            guidance_interval: (lo, hi) in t: guide only there, elsewhere the conditional B rows alone
+                (dit_models/guidance_interval.py); None guides every call.
         Returns:
             fn(x, model, **model_kwargs) -> list of states (the last one is the sample).
         """
@@ -705,11 +731,11 @@ class Sampler:
         start, end = (t1, t0) if reverse else (t0, t1)
         return _ODESampleFn(self.transport, start, end, num_steps, solver, atol, rtol, cfg_scale=cfg_scale,
                             guided_channels=guided_channels, null_label=null_label, cuda_graph=cuda_graph,
-                            return_trajectory=return_trajectory)
+                            return_trajectory=return_trajectory, guidance_interval=guidance_interval)
 
     def sample_dpm_solver(self, num_steps=20, order=2, time_spacing="time_uniform", denoise_final=True,
                           cuda_graph=False, return_trajectory=False, cfg_scale=1.0, guided_channels=None,
-                          null_label=None, third_order="taylor"):
+                          null_label=None, third_order="taylor", guidance_interval=None):
         """DPM-Solver++ multistep (Lu et al. 2022) on the probability-flow ODE, noise (t0) -> data: ONE network
         evaluation per step (num_steps = NFE), for every path and prediction type.
 
@@ -725,7 +751,7 @@ class Sampler:
             denoise_final: when the interval ends before clean data (VP; score/noise models), finish with a
                 first-order step to t = 1 (sigma = 0) instead of stopping at t1.
             cuda_graph, return_trajectory (the state before each step and the final one), cfg_scale,
-                guided_channels, null_label: as sample_ode.
+                guided_channels, null_label, guidance_interval: as sample_ode.
         Returns:
             fn(x, model, **model_kwargs) -> list of states (the last one is the sample).
         """
@@ -733,11 +759,12 @@ class Sampler:
                                                sde=False, eval=True)
         return _DPMSolverSampleFn(self.transport, t0, t1, num_steps, order, time_spacing, denoise_final, third_order,
                                   cfg_scale=cfg_scale, guided_channels=guided_channels, null_label=null_label,
-                                  cuda_graph=cuda_graph, return_trajectory=return_trajectory)
+                                  cuda_graph=cuda_graph, return_trajectory=return_trajectory,
+                                  guidance_interval=guidance_interval)
 
     def sample_unipc(self, num_steps=20, order=2, variant="bh2", time_spacing="time_uniform", denoise_final=True,
                      lower_order_final=True, cuda_graph=False, return_trajectory=False, cfg_scale=1.0,
-                     guided_channels=None, null_label=None):
+                     guided_channels=None, null_label=None, guidance_interval=None):
         """UniPC (Zhao et al. 2023) on the probability-flow ODE, noise (t0) -> data: ONE network evaluation per step
         (num_steps = NFE), for every path and prediction type; same grid and data prediction as sample_dpm_solver.
 
@@ -746,7 +773,8 @@ class Sampler:
             variant: "bh1" or "bh2" (B(h) = h or 1 - e^-h).
             lower_order_final: lower the order on the last steps, as diffusers (dit_models/multistep.py:unipc_plan).
             num_steps, time_spacing, denoise_final, cuda_graph, return_trajectory (the states the network is
-                evaluated at, then the final one), cfg_scale, guided_channels, null_label: as sample_dpm_solver.
+                evaluated at, then the final one), cfg_scale, guided_channels, null_label, guidance_interval: as
+                sample_dpm_solver.
         Returns:
             fn(x, model, **model_kwargs) -> list of states (the last one is the sample).
         """
@@ -754,11 +782,12 @@ class Sampler:
                                                sde=False, eval=True)
         return _UniPCSampleFn(self.transport, t0, t1, num_steps, order, variant, time_spacing, denoise_final,
                               lower_order_final, cfg_scale=cfg_scale, guided_channels=guided_channels,
-                              null_label=null_label, cuda_graph=cuda_graph, return_trajectory=return_trajectory)
+                              null_label=null_label, cuda_graph=cuda_graph, return_trajectory=return_trajectory,
+                              guidance_interval=guidance_interval)
 
     def sample_sde(self, sampling_method="Euler", diffusion_form="SBDM", diffusion_norm=1.0, last_step="Mean",
                    last_step_size=0.04, num_steps=250, cuda_graph=False, return_trajectory=False, cfg_scale=1.0,
-                   guided_channels=None, null_label=None, generator=None):
+                   guided_channels=None, null_label=None, generator=None, guidance_interval=None):
         """Reverse-SDE sampler: dX = [v + D s] dt + sqrt(2 D) dW from t0 (noise) to t1, then a last step.
 
         Args:
@@ -770,7 +799,8 @@ class Sampler:
             last_step: None, "Mean" (x + f h), "Tweedie" (E[x1 | x]) or "Euler" (x + v h), at t1 = 1 - h.
             last_step_size: h (ignored, set to 0, when last_step is None).
             num_steps: grid points on [t0, t1]; num_steps - 1 stochastic steps plus the last step.
-            cuda_graph, return_trajectory, cfg_scale, guided_channels, null_label: see module docstring.
+            cuda_graph, return_trajectory, cfg_scale, guided_channels, null_label, guidance_interval: see
+                module docstring and sample_ode.
             generator: torch.Generator on the state's device for the noise (default: the global one).
         Returns:
             fn(x, model, **model_kwargs) -> list of states (the last one is the sample).
@@ -790,7 +820,8 @@ class Sampler:
                                                last_step_size=last_step_size)
         return _SDESampleFn(self.transport, solver, form, diffusion_norm, last_step, last_step_size, num_steps,
                             t0, t1, cfg_scale=cfg_scale, guided_channels=guided_channels, null_label=null_label,
-                            generator=generator, cuda_graph=cuda_graph, return_trajectory=return_trajectory)
+                            generator=generator, cuda_graph=cuda_graph, return_trajectory=return_trajectory,
+                            guidance_interval=guidance_interval)
 
     def sample_ode_likelihood(self, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3,
                               generator=None):
