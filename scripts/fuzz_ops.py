@@ -336,12 +336,16 @@ def _row_case(case, emulated):
     c.error_dtype = torch.float32 if dtype == torch.float64 else None
     # A constant row has variance 0: rstd = 1/sqrt(eps) amplifies the rounding of its mean (the LayerNorm
     # output is ill-conditioned there), differently in every summation order: atol scaled by that factor.
-    if (special == "constant_rows" or d == 1) and eps > 0:
+    # Gradients through xhat (dx, dy, dgate, dscale) are that rounding noise times the upstream gradient
+    # (dscale = sum_t g * xhat, exactly 0 in exact arithmetic): not compared; dshift (a plain sum) is.
+    # Rows of D <= 2 are as degenerate (the LayerNorm output is 0 or +-1 whatever x; its backward is pure
+    # cancellation, amplified by the float32 statistics of a float64 x).
+    if special == "constant_rows" and eps > 0:
         c.atol_factor = max(1.0, float(x.abs().max()) / eps**0.5) if x.numel() else 1.0
-        # Gradients through xhat (dx, dy, dgate, dscale) are that rounding noise times the upstream gradient
-        # (dscale = sum_t g * xhat, exactly 0 in exact arithmetic): not compared; dshift (a plain sum) is.
-        if op == "modulated_layer_norm" or d == 1:
-            c.skip_grads = {"x", "y", "gate", "scale"}
+        if op == "modulated_layer_norm":
+            c.skip_grads = {"x", "scale"}
+    if d <= 2:
+        c.skip_grads = {"x", "y", "gate", "scale"}
     if dtype == torch.float64 and special == "large":
         # float64 backward recomputes xhat from the float32 mean: off by |mean| * 2^-24 * rstd, large next to a
         # 6e4 entry (a documented precision limit of the float64 path, reported; not a float32/16-bit issue)
@@ -678,6 +682,11 @@ def _compare(name, got, ref, truth, exact, ref_low=None, atol_factor=1.0):
     # -inf in some kernel elements), and either says "not a number you can use".
     bad = torch.isfinite(g) != torch.isfinite(r)
     bad |= torch.isinf(r) & torch.isinf(g) & (g != r)
+    # ...unless the reference overflowed an intermediate (a 16-bit cast of a gradient) where the float64 truth
+    # is finite and the kernel within range of it: then the kernel is right (found in float16 with 6e4 entries)
+    rescued = torch.isfinite(g) & ~torch.isfinite(r) & torch.isfinite(tr)
+    rescued &= (g - tr).abs() <= 0.01 * tr.abs() + ATOL[str(got.dtype).replace("torch.", "")]
+    bad &= ~rescued
     if bad.any():
         i = tuple(int(v) for v in bad.nonzero()[0])
         raise CaseFailure(f"{name}: non-finite mismatch at {i}: kernel {g[i].item()!r} reference {r[i].item()!r} "
