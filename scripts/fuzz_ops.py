@@ -341,7 +341,8 @@ def _row_case(case, emulated):
     # Rows of D <= 2 are as degenerate (the LayerNorm output is 0 or +-1 whatever x; its backward is pure
     # cancellation, amplified by the float32 statistics of a float64 x).
     if special == "constant_rows" and eps > 0:
-        c.atol_factor = max(1.0, float(x.abs().max()) / eps**0.5) if x.numel() else 1.0
+        # (the mean's rounding grows with D in a sequential sum: found 0.3 vs the reference's 0 at D = 4096)
+        c.atol_factor = max(1.0, float(x.abs().max()) / eps**0.5 * max(1.0, d / 256)) if x.numel() else 1.0
         if op == "modulated_layer_norm":
             c.skip_grads = {"x", "scale"}
     if d <= 2:
@@ -503,9 +504,9 @@ def _token_case(case, emulated):
         elif misuse == "length_mismatch":
             if not kind.startswith("per_token"):
                 ts["fill"] = inp.values((n, t, d), fill_dtype)
-            if n == 1 and t == 1:
+            if n == 1 and t == 1:  # (1, 1, D) would be read as the broadcast token
                 ts["fill"] = inp.values((1, 2, d), fill_dtype)
-            length, expect = t + 1, "length"
+            length, expect = ts["fill"].shape[1] + 1, "length"
         elif misuse == "kept_int":
             ts["kept"], expect = torch.zeros(n, kept.shape[1], d, dtype=torch.int32), "kept"
 
