@@ -245,8 +245,9 @@ def _read_npy(path, mmap_mode=None):
     try:
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except Exception as e:  # noqa: BLE001  (numpy raises ValueError, EOFError, OSError, ... on a bad file)
+        why = (str(e).strip().splitlines() or [""])[0]  # one line: the CLIs print the message as their error line
         raise LatentCacheError(f"cannot read latent cache file {path!r} ({os.path.getsize(path):,} bytes): truncated or "
-                               f"corrupt ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}); re-run extract_latents") from e
+                               f"corrupt ({type(e).__name__}: {why}); re-run extract_latents") from e
 
 
 def _read_meta(root):
@@ -297,13 +298,16 @@ class LatentDataset(torch.utils.data.Dataset):
             n_valid = len(idx) if done is None else int(done.reshape(-1)[0]) if done.size == 1 else -1
             # Shapes and values checked here, so that a wrong-size or corrupt shard names its file now
             # instead of failing inside a DataLoader worker (or silently reading another image's row).
-            checks = [(idx.ndim == 1 and idx.dtype.kind in "iu", f, f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}"),
-                      (0 <= n_valid <= len(idx), paths["done"], f"done = {done!r} is not a count in [0, {len(idx)}]"),
-                      (mom.shape[1:] == (2, 2 * c, size, size) and mom.dtype.kind == "f", paths["moments"],
-                       f"moments must be float (rows, 2, {2 * c}, {size}, {size}) as meta.json says, got {mom.dtype} {mom.shape}"),
-                      (len(mom) >= n_valid, paths["moments"], f"{len(mom)} rows, fewer than the {n_valid} done"),
-                      (lab.ndim == 1 and lab.dtype.kind in "iu" and len(lab) >= n_valid, paths["labels"],
-                       f"labels must be a 1-D integer array of >= {n_valid} rows, got {lab.dtype} {lab.shape}")]
+            checks = [
+                (idx.ndim == 1 and idx.dtype.kind in "iu", f,
+                 f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}"),
+                (0 <= n_valid <= len(idx), paths["done"], f"done = {done!r} is not a count in [0, {len(idx)}]"),
+                (mom.shape[1:] == (2, 2 * c, size, size) and mom.dtype.kind == "f", paths["moments"],
+                 f"moments must be float (rows, 2, {2 * c}, {size}, {size}) as meta.json says, got {mom.dtype} {mom.shape}"),
+                (len(mom) >= n_valid, paths["moments"], f"{len(mom)} rows, fewer than the {n_valid} done"),
+                (lab.ndim == 1 and lab.dtype.kind in "iu" and len(lab) >= n_valid, paths["labels"],
+                 f"labels must be a 1-D integer array of >= {n_valid} rows, got {lab.dtype} {lab.shape}"),
+            ]
             for ok, path, why in checks:
                 if not ok:
                     raise LatentCacheError(f"latent cache file {path!r} does not match its shard: {why}; re-run extract_latents")

@@ -126,7 +126,8 @@ def draw_case(d, op=None, max_numel=1 << 16):
         c = d.choice("c", (1, 3, 4, 5))
         spatial = d.choice("spatial", ((), (1,), (7,), (4, 4), (3, 5), (8, 8), (2, 3, 5)))
         case.update(b=b, c=c, spatial=list(spatial), cfg=d.choice("cfg", (False, True)),
-                    extra_c=d.choice("extra_c", (0, 0, 1, 4)), out_dtype=d.choice("out_dtype", ("same", "same", "float32", "bfloat16")),
+                    extra_c=d.choice("extra_c", (0, 0, 1, 4)),
+                    out_dtype=d.choice("out_dtype", ("same", "same", "float32", "bfloat16")),
                     out_layout=d.choice("out_layout", ("contig", "channel_slice", "offset", "channels_last")),
                     x_layout=d.choice("x_layout", ("contig", "offset", "transposed")),
                     guided=d.choice("guided", (None, None, 0, 1, 3, 9)), noise=d.choice("noise", ("given", "given", "none")),
@@ -237,14 +238,13 @@ class Inputs:
 class Case:
     """A built case: `call(impl, tensors)` runs the op; `tensors` are its inputs by name."""
 
-    def __init__(self, call, tensors, grad_names=(), expect_error=None, exact=False, notes=(), compare=None,
-                 unspecified=None):
+    def __init__(self, call, tensors, grad_names=(), expect_error=None, exact=False, compare=None, unspecified=None):
         self.call, self.tensors, self.grad_names = call, tensors, list(grad_names)
         self.expect_error = expect_error  # the argument a misuse must name, or None for a valid input
         self.exact = exact  # permutations: bit-exact
         self.compare = compare  # output indices to compare (None: all)
         self.unspecified = unspecified  # why a kernel's result is not compared (documented behaviour)
-        self.notes = list(notes)
+        # set by the builders where needed: grad_outputs, error_dtype, atol_factor, skip_grads, nan_outputs
 
 
 def _row_case(case, emulated):
@@ -526,9 +526,7 @@ def _token_case(case, emulated):
                 expect = "ids_keep"  # the CPU kernels raise on a repeated id in every op that scatters
     # Copies are bit-exact; the gradient of a broadcast fill token is an fp32 sum (another order than the reference's)
     exact = op == "gather_tokens" or case["fill"].startswith("per_token")
-    c = Case(call, ts, grads, expect, exact=exact, unspecified=unspecified)
-    c.ids_bad = bad
-    return c
+    return Case(call, ts, grads, expect, exact=exact, unspecified=unspecified)
 
 
 def _sde_case(case, emulated):
