@@ -185,8 +185,9 @@ if HAS_EXT:
             dy = dgate = None
             if need[1] or need[2]:
                 dy, dgate = torch.ops.dit_kernels._gated_residual_backward(_grad(grad_x_new), y, gate)
+            nd = (y.shape[0], y.shape[2])  # dshift = dscale = 0 (N, D), as the kernel gives them
             return (grad_x_new if need[0] else None, dy if need[1] else None, dgate if need[2] else None,
-                    None, None, None)
+                    gate.new_zeros(nd) if need[3] else None, gate.new_zeros(nd) if need[4] else None, None)
         grads = torch.ops.dit_kernels._gated_residual_modulated_layer_norm_backward(
             _grad(grad_x_new), _grad(grad_h), x_new, y, gate, scale, mean, rstd
         )  # dx, dy, dgate, dshift, dscale
