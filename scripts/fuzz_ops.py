@@ -890,7 +890,10 @@ class Runner:
     def close(self):
         if self.proc is not None:
             self.proc.stdin.close()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # every case has answered: a slow exit is not a finding
+                self._kill()
             self.proc = None
 
 
