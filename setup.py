@@ -114,7 +114,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.11", "numpy", "ninja", "tqdm"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
         "data": ["scikit-learn", "pillow", "matplotlib"],
         "triton": ["triton"],
         "flash": ["flash-attn"],

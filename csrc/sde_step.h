@@ -18,7 +18,9 @@ struct StepGeometry {
 };
 
 // True when dims 2.. of t are laid out like a contiguous tensor (size-1 dims ignored).
+// An empty tensor qualifies: nothing is read (and .contiguous() would return it unchanged).
 inline bool spatially_contiguous(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
   int64_t expected = 1;
   for (int64_t d = t.dim() - 1; d >= 2; --d) {
     if (t.size(d) != 1 && t.stride(d) != expected) return false;

@@ -53,5 +53,17 @@ def per_sample(name, t, n, d):
     if t.shape[0] == 1 and n != 1:
         t = t.expand(n, d)
     if d > 1 and t.stride(1) != 1:
-        t = t.contiguous()
+        # not .contiguous(): an empty (0, D) view counts as contiguous and would keep its inner stride
+        t = t.clone(memory_format=torch.contiguous_format)
     return t
+
+
+def check_mod_dtypes(x_dtype, **mods):
+    """The compiled kernels' modulation rule, checked before dispatch so that the error names the argument:
+    each modulation tensor in x's dtype or float32, and all of them in one dtype."""
+    for name, t in mods.items():
+        if t.dtype not in (x_dtype, torch.float32):
+            raise TypeError(f"{name} must have the dtype of x ({x_dtype}) or be float32, got {t.dtype}")
+    if len({t.dtype for t in mods.values()}) > 1:
+        desc = ", ".join(f"{k} {t.dtype}" for k, t in mods.items())
+        raise TypeError(f"the modulation tensors must share one dtype, got {desc}")

@@ -18,7 +18,8 @@ import re
 
 import torch
 
-__all__ = ["Checkpoint", "CheckpointReadError", "load_checkpoint", "load_state_dict_strict", "read_checkpoint", "select_state_dict",
+__all__ = ["Checkpoint", "CheckpointMismatchError", "CheckpointReadError", "load_checkpoint", "load_state_dict_strict",
+           "read_checkpoint", "select_state_dict",
            "infer_config_from_state_dict"]
 
 _PREFIXES = ("module.", "_orig_mod.")
@@ -27,6 +28,10 @@ _CONTAINER_KEYS = ("ema", "model", "state_dict")
 
 class CheckpointReadError(ValueError):
     """A file that torch.load cannot read: truncated, corrupt, or not a PyTorch checkpoint."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint file whose contents do not fit: not a state_dict, another model size or method."""
 
 
 def read_checkpoint(path_or_state):
@@ -47,8 +52,9 @@ def read_checkpoint(path_or_state):
             return torch.load(path_or_state, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001  (the unpickler raises anything on garbage)
         size = os.path.getsize(path_or_state)
+        why = (str(e).strip().splitlines() or [""])[0]  # one line: the CLIs print the message as their error line
         raise CheckpointReadError(f"cannot read checkpoint {str(path_or_state)!r} ({size:,} bytes): not a PyTorch "
-                                  f"checkpoint, or truncated / corrupt ({type(e).__name__}: {e})") from e
+                                  f"checkpoint, or truncated / corrupt ({type(e).__name__}: {why})") from e
 
 
 def _is_container(obj):
@@ -134,6 +140,8 @@ def load_state_dict_strict(model, state_dict, hint=_hint):
     # The patch embedding first: its shape names the patch size, while pos_embed (the first key) differs
     # for a patch-size and a resolution mismatch alike.
     for k, v in sorted(state_dict.items(), key=lambda item: not item[0].startswith("x_embedder.")):
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"checkpoint entry {k!r} is a {type(v).__name__}, not a tensor: not a state_dict, or corrupt")
         if k in own and tuple(own[k].shape) != tuple(v.shape):
             raise ValueError(
                 f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}. Hint: {hint(k)}"
@@ -170,20 +178,30 @@ class Checkpoint(dict):
         return "Checkpoint(" + ", ".join(parts) + ")"
 
 
-def load_checkpoint(path_or_state, model, which="auto"):
+def load_checkpoint(path_or_state, model, which="auto", path=None):
     """Load DiT/SiT weights into `model`, strictly (every key mapped, every shape equal).
 
     Args:
         path_or_state: file path, raw state_dict or {"model", "ema", "opt", "args"} container.
         model: the module (a DDP / torch.compile wrapper is unwrapped).
         which: "ema" | "model" | "auto" (see select_state_dict).
+        path: the file an already loaded checkpoint came from, for the error message.
     Returns:
         The loaded checkpoint object (the container, e.g. for "opt" and "args" on resume).
     Raises:
-        ValueError naming the mismatching key(s) and the likely cause (load_state_dict_strict).
+        ValueError naming the mismatching key(s) and the likely cause (load_state_dict_strict); from a file,
+        a CheckpointMismatchError that also names the file.
     """
+    if isinstance(path_or_state, (str, os.PathLike)):
+        path = path_or_state
     checkpoint = read_checkpoint(path_or_state)
-    load_state_dict_strict(model, select_state_dict(checkpoint, which))
+    try:
+        load_state_dict_strict(model, select_state_dict(checkpoint, which))
+    except (ValueError, TypeError, KeyError) as e:
+        if path is None:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise CheckpointMismatchError(f"checkpoint {str(path)!r} does not fit the model: {msg}") from e
     return Checkpoint(checkpoint) if isinstance(checkpoint, dict) else checkpoint
 
 
@@ -200,6 +218,13 @@ def infer_config_from_state_dict(state_dict):
     null row (class_dropout_prob > 0), as in every released file.
     """
     sd = select_state_dict(state_dict, "auto")
+    needed = ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight")
+    absent = [k for k in needed if not isinstance(sd.get(k), torch.Tensor)]
+    if absent:
+        raise CheckpointMismatchError(f"not a DiT/SiT state_dict: no tensor {describe_keys(absent)}. Hint: {_hint(next(iter(sd), ''))}")
+    if sd["x_embedder.proj.weight"].dim() != 4 or sd["pos_embed"].dim() != 3:
+        raise CheckpointMismatchError(f"not a DiT/SiT state_dict: x_embedder.proj.weight {tuple(sd['x_embedder.proj.weight'].shape)} "
+                                      f"and pos_embed {tuple(sd['pos_embed'].shape)} are not (D, C, p, p) and (1, T, D)")
     w = sd["x_embedder.proj.weight"]  # (D, C, p, p)
     hidden, in_channels, p = w.shape[0], w.shape[1], w.shape[2]
     tokens = sd["pos_embed"].shape[1]

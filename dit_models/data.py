@@ -204,7 +204,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 im = im.convert("RGB" if self.channels == 3 else "L")
                 arr = center_crop_arr(im, self.image_size)
         except Exception as e:  # noqa: BLE001  (PIL raises many types on bad files)
-            raise UnreadableImageError(f"cannot read image {path!r} ({type(e).__name__}: {e}); fix or remove it, or "
+            why = (str(e).strip().splitlines() or [""])[0]
+            raise UnreadableImageError(f"cannot read image {path!r} ({type(e).__name__}: {why}); fix or remove it, or "
                                        "pass --skip-bad-images to leave out every unreadable image") from e
         x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(127.5).sub_(1.0)
         x = x.permute(2, 0, 1) if x.dim() == 3 else x[None]
@@ -233,6 +234,43 @@ def sample_latent(moments, scale=VAE_SCALE, generator=None):
     return scale * (mean + std * eps)
 
 
+class LatentCacheError(ValueError):
+    """A file of a latent folder (extract_latents output) that is unreadable or disagrees with meta.json."""
+
+
+def _read_npy(path, mmap_mode=None):
+    """np.load naming the file on any failure (truncated or bit-flipped headers raise assorted errors)."""
+    if not os.path.isfile(path):
+        raise LatentCacheError(f"latent cache file {path!r} is missing (re-run extract_latents)")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001  (numpy raises ValueError, EOFError, OSError, ... on a bad file)
+        why = (str(e).strip().splitlines() or [""])[0]  # one line: the CLIs print the message as their error line
+        raise LatentCacheError(f"cannot read latent cache file {path!r} ({os.path.getsize(path):,} bytes): truncated or "
+                               f"corrupt ({type(e).__name__}: {why}); re-run extract_latents") from e
+
+
+def _read_meta(root):
+    meta_path = os.path.join(root, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{root!r} has no meta.json; run python -m dit_models.extract_latents first")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        for key in ("num_images", "num_classes", "latent_channels", "latent_size"):
+            if key not in meta:
+                raise ValueError(f"no {key!r} entry")
+            meta[key] = int(meta[key])
+            if meta[key] < 0:
+                raise ValueError(f"{key} = {meta[key]} is negative")
+        meta["scale"] = float(meta.get("scale", VAE_SCALE))
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise LatentCacheError(f"cannot read {meta_path!r}: {e}") from e
+    return meta
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Reads the shards written by extract_latents: per image the moments of [image, flipped image].
 
@@ -244,35 +282,51 @@ class LatentDataset(torch.utils.data.Dataset):
     kind = "latents"
 
     def __init__(self, root):
-        meta_path = os.path.join(root, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{root!r} has no meta.json; run python -m dit_models.extract_latents first")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = _read_meta(root)
+        n, c, size = self.meta["num_images"], self.meta["latent_channels"], self.meta["latent_size"]
         idx_files = sorted(glob.glob(os.path.join(root, "indices_r*.npy")))
         if not idx_files:
             raise ValueError(f"latent folder {root!r} has no shards (indices_r*.npy)")
         self.shards, rows = [], {}
         for f in idx_files:
             tag = os.path.basename(f)[len("indices_") : -len(".npy")]
-            idx = np.load(f)
-            done = np.load(os.path.join(root, f"done_{tag}.npy")) if os.path.exists(os.path.join(root, f"done_{tag}.npy")) else None
-            mom = np.load(os.path.join(root, f"moments_{tag}.npy"), mmap_mode="r")
-            lab = np.load(os.path.join(root, f"labels_{tag}.npy"))
+            paths = {k: os.path.join(root, f"{k}_{tag}.npy") for k in ("moments", "labels", "done")}
+            idx = _read_npy(f)
+            done = _read_npy(paths["done"]) if os.path.exists(paths["done"]) else None
+            mom = _read_npy(paths["moments"], mmap_mode="r")
+            lab = _read_npy(paths["labels"])
+            n_valid = len(idx) if done is None else int(done.reshape(-1)[0]) if done.size == 1 else -1
+            # Shapes and values checked here, so that a wrong-size or corrupt shard names its file now
+            # instead of failing inside a DataLoader worker (or silently reading another image's row).
+            checks = [
+                (idx.ndim == 1 and idx.dtype.kind in "iu", f,
+                 f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}"),
+                (0 <= n_valid <= len(idx), paths["done"], f"done = {done!r} is not a count in [0, {len(idx)}]"),
+                (mom.shape[1:] == (2, 2 * c, size, size) and mom.dtype.kind == "f", paths["moments"],
+                 f"moments must be float (rows, 2, {2 * c}, {size}, {size}) as meta.json says, got {mom.dtype} {mom.shape}"),
+                (len(mom) >= n_valid, paths["moments"], f"{len(mom)} rows, fewer than the {n_valid} done"),
+                (lab.ndim == 1 and lab.dtype.kind in "iu" and len(lab) >= n_valid, paths["labels"],
+                 f"labels must be a 1-D integer array of >= {n_valid} rows, got {lab.dtype} {lab.shape}"),
+            ]
+            for ok, path, why in checks:
+                if not ok:
+                    raise LatentCacheError(f"latent cache file {path!r} does not match its shard: {why}; re-run extract_latents")
+            valid_idx, valid_lab = idx[:n_valid], lab[:n_valid]
+            if n_valid and (valid_idx.min() < 0 or valid_idx.max() >= n):
+                raise LatentCacheError(f"latent cache file {f!r} holds image indices outside [0, {n}) of meta.json")
+            if n_valid and (valid_lab.min() < 0 or valid_lab.max() >= self.meta["num_classes"]):
+                raise LatentCacheError(f"latent cache file {paths['labels']!r} holds labels outside [0, "
+                                       f"{self.meta['num_classes']}) of meta.json")
             s = len(self.shards)
             self.shards.append((mom, lab))
-            n_valid = len(idx) if done is None else int(done)
             for j in range(n_valid):
                 rows.setdefault(int(idx[j]), (s, j))  # DistributedSampler padding duplicates: keep first
-        n = int(self.meta["num_images"])
         missing = n - len(rows)
         if missing:
             raise ValueError(f"latent folder {root!r} is incomplete: {missing} of {n} images missing (re-run extract_latents to finish)")
         self.rows = [rows[i] for i in range(n)]
-        self.num_classes = int(self.meta["num_classes"])
-        self.channels = int(self.meta["latent_channels"])
-        self.resolution = int(self.meta["latent_size"])
-        self.scale = float(self.meta.get("scale", VAE_SCALE))
+        self.num_classes, self.channels, self.resolution = self.meta["num_classes"], c, size
+        self.scale = self.meta["scale"]
         self.root, self.name = root, os.path.basename(os.path.normpath(root))
 
     def __len__(self):

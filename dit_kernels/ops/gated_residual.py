@@ -11,7 +11,8 @@ kept for backward) that a same-dtype kernel would need.
 """
 import torch
 
-from .._checks import check_branch_dtype, check_float, check_rank, check_same_device, is_branch_dtype, per_sample
+from .._checks import (check_branch_dtype, check_float, check_mod_dtypes, check_rank, check_same_device, is_branch_dtype,
+                       per_sample)
 from .._ext import HAS_EXT, use_ext
 from .modulated_layer_norm import _check_mod_fake, _forbid_double_backward, modulated_layer_norm_ref
 
@@ -69,6 +70,7 @@ def gated_residual(x, y, gate, impl="auto"):
     gate_nd = per_sample("gate", gate, x.shape[0], x.shape[2])
     if not use_ext("gated_residual", impl, x.device):
         return gated_residual_ref(x, y, gate)
+    check_mod_dtypes(x.dtype, gate=gate_nd)
     return torch.ops.dit_kernels.gated_residual(x, y, gate_nd)
 
 
@@ -87,6 +89,7 @@ def gated_residual_modulated_layer_norm(x, y, gate, shift, scale, eps=1e-6, impl
     scale_nd = per_sample("scale", scale, n, d)
     if not use_ext("gated_residual_modulated_layer_norm", impl, x.device):
         return gated_residual_modulated_layer_norm_ref(x, y, gate, shift, scale, eps)
+    check_mod_dtypes(x.dtype, gate=gate_nd, shift=shift_nd, scale=scale_nd)
     x_new, h, _, _ = torch.ops.dit_kernels.gated_residual_modulated_layer_norm(
         x, y, gate_nd, shift_nd, scale_nd, float(eps)
     )
@@ -171,12 +174,20 @@ if HAS_EXT:
         x_new, _, mean, rstd = output
         ctx.save_for_backward(x_new, y, gate, scale, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # an unused h gives grad_h None, not zeros (see _grmln_backward)
 
     def _grmln_backward(ctx, grad_x_new, grad_h, _grad_mean, _grad_rstd):
         need = ctx.needs_input_grad  # (x, y, gate, shift, scale, eps)
         if (grad_x_new is None and grad_h is None) or not any(need[:5]):
             return None, None, None, None, None, None
         x_new, y, gate, scale, mean, rstd = ctx.saved_tensors
+        if grad_h is None:  # h unused: only the residual path (no LN backward, whose 0 * NaN would leak NaN)
+            dy = dgate = None
+            if need[1] or need[2]:
+                dy, dgate = torch.ops.dit_kernels._gated_residual_backward(_grad(grad_x_new), y, gate)
+            nd = (y.shape[0], y.shape[2])  # dshift = dscale = 0 (N, D), as the kernel gives them
+            return (grad_x_new if need[0] else None, dy if need[1] else None, dgate if need[2] else None,
+                    gate.new_zeros(nd) if need[3] else None, gate.new_zeros(nd) if need[4] else None, None)
         grads = torch.ops.dit_kernels._gated_residual_modulated_layer_norm_backward(
             _grad(grad_x_new), _grad(grad_h), x_new, y, gate, scale, mean, rstd
         )  # dx, dy, dgate, dshift, dscale

@@ -8,7 +8,8 @@ for backward: fp32 mean and rstd (N, T).
 """
 import torch
 
-from .._checks import check_branch_dtype, check_float, check_rank, check_same_device, is_branch_dtype, per_sample
+from .._checks import (check_branch_dtype, check_float, check_mod_dtypes, check_rank, check_same_device, is_branch_dtype,
+                       per_sample)
 from .._ext import HAS_EXT, use_ext
 
 __all__ = ["modulated_layer_norm", "modulated_layer_norm_ref"]
@@ -58,6 +59,7 @@ def modulated_layer_norm(x, shift, scale, eps=1e-6, out_dtype=None, impl="auto")
         out_dtype = None
     if not use_ext("modulated_layer_norm", impl, x.device):
         return modulated_layer_norm_ref(x, shift, scale, eps, out_dtype=out_dtype)
+    check_mod_dtypes(x.dtype, shift=shift_nd, scale=scale_nd)
     y, _, _ = torch.ops.dit_kernels.modulated_layer_norm(x, shift_nd, scale_nd, float(eps), out_dtype)
     return y
 
