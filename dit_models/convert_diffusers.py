@@ -234,7 +234,9 @@ def to_diffusers_model(dit, official=False):
     sd = dit.state_dict()
     model = DiTTransformer2DModel(**diffusers_config(sd, num_heads=getattr(dit, "num_heads", None)))
     model.load_state_dict(dit_to_diffusers(sd), strict=True)
-    model.to(next(dit.parameters()).dtype)
+    dtype = next(dit.parameters()).dtype
+    if dtype != torch.float32:
+        model.to(dtype)
     return match_official_dit(model) if official else model
 
 
