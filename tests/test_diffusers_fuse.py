@@ -28,7 +28,7 @@ def _dit():
     g = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(N, 4, 8, 8, generator=g), timestep=torch.tensor([3, 700]),
                   class_labels=torch.tensor([1, 9]))
-    return model, inputs, 2  # one AdaLayerNormZero (norm1) per block
+    return model, inputs, 4  # per block: the block (inline residual + LN + modulate) and its AdaLayerNormZero
 
 
 def _sd3():
@@ -57,7 +57,19 @@ def _flux():
     return model, inputs, 3  # double block: norm1 + norm1_context; single block: norm
 
 
-MODELS = {"dit": _dit, "sd3": _sd3, "flux": _flux}
+def _pixart():
+    model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                               out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                               cross_attention_dim=16, caption_channels=16,
+                                               use_additional_conditions=False)
+    g = torch.Generator().manual_seed(4)
+    inputs = dict(hidden_states=torch.randn(N, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(N, 5, 16, generator=g), timestep=torch.tensor([10, 900]),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return model, inputs, 2  # ada_norm_single blocks (no norm module of their own)
+
+
+MODELS = {"dit": _dit, "sd3": _sd3, "flux": _flux, "pixart": _pixart}
 
 
 def _out(model, inputs):
@@ -98,9 +110,8 @@ def test_fused_bf16_two_x_rule(name):
     with torch.no_grad():
         ref32 = _out(model, inputs).double()
         model.to(torch.bfloat16)
-        low = {k: (v.bfloat16() if v.is_floating_point() and k in ("hidden_states", "encoder_hidden_states",
-                                                                    "pooled_projections") else v)
-               for k, v in inputs.items()}
+        activations = ("hidden_states", "encoder_hidden_states", "pooled_projections")
+        low = {k: v.bfloat16() if k in activations else v for k, v in inputs.items()}
         ref_lowp = _out(model, low)
         fuse(model)
         fast = _out(model, low)
@@ -139,3 +150,16 @@ def test_cpu_timing_side_by_side():
     print(f"AdaLayerNormZero D=384, x (4, 256, 384), 1 thread: diffusers {times['diffusers']:.3f} ms, "
           f"fused {times['fused']:.3f} ms")
     assert_close(times["fused_out"], times["diffusers_out"], 1e-5, 1e-5, "AdaLayerNormZero")
+
+
+def test_unsupported_block_falls_back():
+    """Feed-forward chunking is not on the fused block path: the block takes diffusers' forward."""
+    model, inputs, _ = _dit()
+    model = _randomize(model)
+    for block in model.transformer_blocks:
+        block.set_chunk_feed_forward(4, 1)
+    with torch.no_grad():
+        ref = _out(model, inputs)
+        fuse(model)
+        out = _out(model, inputs)
+    assert_close(out, ref, 1e-5, 1e-5, "chunked feed-forward")

@@ -13,13 +13,20 @@ parameter or buffer is added, renamed or moved: state_dicts load and save unchan
 Unsupported inputs (not (N, T, D), a modulation batch that differs, an affine LayerNorm, integer dtypes) take
 diffusers' code for that call.
 
-Not patched (yet): the inline gated residual + LayerNorm + modulate inside BasicTransformerBlock (DiT's MLP
-half, PixArt's ada_norm_single), JointTransformerBlock and FluxTransformerBlock; they run diffusers' code.
+BasicTransformerBlock with norm_type "ada_norm_zero" (DiT) or "ada_norm_single" (PixArt) also gets a forward
+whose inline gated residual + LayerNorm + modulate run as gated_residual_modulated_layer_norm (DiT: the
+attention -> MLP hand-off in one pass) or as modulated_layer_norm / gated_residual (PixArt, whose cross-attention
+sits between); blocks with GLIGEN, feed-forward chunking, a positional embedding inside the block or 4-D hidden
+states take diffusers' forward.
+
+Not patched (yet): the inline gated residual + LN + modulate of JointTransformerBlock (SD3) and
+FluxTransformerBlock; their norm modules are patched, the rest runs diffusers' code.
 """
 import types
 
 import torch
 
+from ..ops.gated_residual import gated_residual, gated_residual_modulated_layer_norm
 from ..ops.modulated_layer_norm import modulated_layer_norm
 
 __all__ = ["fuse", "unfuse", "is_fused"]
@@ -68,13 +75,80 @@ def _sd35_ada_layer_norm_zero_x(self, hidden_states, emb=None):
     return h, gate_msa, shift_mlp, scale_mlp, gate_mlp, h2, gate_msa2
 
 
+def _same_dtype(*ts):
+    return len({t.dtype for t in ts}) == 1
+
+
+def _gated(x, y, gate):
+    """x + gate[:, None] * y (gate (N, D))."""
+    if x.dim() == 3 and y.shape == x.shape and tuple(gate.shape) == (x.shape[0], x.shape[2]) and _same_dtype(x, y, gate):
+        return gated_residual(x, y, gate)
+    return gate[:, None] * y + x
+
+
+def _gated_modulate(norm, x, y, gate, shift, scale):
+    """(x + gate*y, LN(x + gate*y) * (1 + scale) + shift) in one pass where supported."""
+    if (x.dim() == 3 and y.shape == x.shape and _same_dtype(x, y, gate, shift, scale)
+            and all(tuple(m.shape) == (x.shape[0], x.shape[2]) for m in (gate, shift, scale))
+            and tuple(norm.normalized_shape) == (x.shape[2],)):
+        return gated_residual_modulated_layer_norm(x, y, gate, shift, scale, eps=norm.eps)
+    x = _gated(x, y, gate)
+    return x, _modulate(norm, x, shift, scale)
+
+
+def _block_supported(block, x, kwargs):
+    mlp_norm = block.norm3 if block.norm_type == "ada_norm_zero" else block.norm2
+    return (x.dim() == 3 and block.pos_embed is None and block._chunk_size is None and _plain_ln(mlp_norm)
+            and "gligen" not in kwargs and "scale" not in kwargs
+            and (block.norm_type == "ada_norm_zero" or _plain_ln(block.norm1)))
+
+
+def _basic_transformer_block(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                             encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
+                             class_labels=None, added_cond_kwargs=None):
+    kwargs = dict(cross_attention_kwargs or {})
+    x = hidden_states  # (N, T, D) residual stream
+    if not _block_supported(self, x, kwargs):
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                  timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+    if self.norm_type == "ada_norm_zero":  # DiT; norm1 is an AdaLayerNormZero (fused itself when patched)
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, timestep, class_labels, hidden_dtype=x.dtype)
+        mlp_norm = self.norm3
+    else:  # ada_norm_single (PixArt): a learned table plus the projected timestep, 6 x (N, D)
+        table = self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)  # (N, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.unbind(1)
+        h = _modulate(self.norm1, x, shift_msa, scale_msa)
+        mlp_norm = self.norm2
+    attn = self.attn1(h, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+                      attention_mask=attention_mask, **kwargs)
+    if self.attn2 is None:  # DiT: residual, LayerNorm and modulation of the MLP input in one pass
+        x, h = _gated_modulate(mlp_norm, x, attn, gate_msa, shift_mlp, scale_mlp)
+    else:
+        x = _gated(x, attn, gate_msa)
+        context_in = self.norm2(x) if self.norm_type == "ada_norm_zero" else x  # PixArt: no norm before it
+        x = self.attn2(context_in, encoder_hidden_states=encoder_hidden_states,
+                       attention_mask=encoder_attention_mask, **kwargs) + x
+        h = _modulate(mlp_norm, x, shift_mlp, scale_mlp)
+    return _gated(x, self.ff(h), gate_mlp)
+
+
+def _basic_block_eligible(block):
+    return block.norm_type in ("ada_norm_zero", "ada_norm_single")
+
+
 def _patches():
+    """{module class: (fused forward, eligibility test)}."""
     from diffusers.models import normalization as n
+    from diffusers.models.attention import BasicTransformerBlock
+
+    def plain_norm(module):
+        return _plain_ln(getattr(module, "norm", None))
 
     return {
-        n.AdaLayerNormZero: _ada_layer_norm_zero,
-        n.AdaLayerNormZeroSingle: _ada_layer_norm_zero_single,
-        n.SD35AdaLayerNormZeroX: _sd35_ada_layer_norm_zero_x,
+        n.AdaLayerNormZero: (_ada_layer_norm_zero, plain_norm),
+        n.AdaLayerNormZeroSingle: (_ada_layer_norm_zero_single, plain_norm),
+        n.SD35AdaLayerNormZeroX: (_sd35_ada_layer_norm_zero_x, plain_norm),
+        BasicTransformerBlock: (_basic_transformer_block, _basic_block_eligible),
     }
 
 
@@ -83,8 +157,8 @@ def fuse(model):
     patches = _patches()
     count = 0
     for module in model.modules():
-        forward = patches.get(type(module))
-        if forward is None or getattr(module, _MARK, False) or not _plain_ln(getattr(module, "norm", None)):
+        forward, eligible = patches.get(type(module), (None, None))
+        if forward is None or getattr(module, _MARK, False) or not eligible(module):
             continue
         module.forward = types.MethodType(forward, module)
         setattr(module, _MARK, True)
