@@ -54,7 +54,7 @@ def _flux():
     inputs = dict(hidden_states=torch.randn(N, s, 8, generator=g), encoder_hidden_states=torch.randn(N, l, 16, generator=g),
                   pooled_projections=torch.randn(N, 16, generator=g), timestep=torch.tensor([0.2, 0.9]),
                   img_ids=img_ids, txt_ids=torch.zeros(l, 3))
-    return model, inputs, 3  # double block: norm1 + norm1_context; single block: norm
+    return model, inputs, 4  # double block: the block, norm1, norm1_context; single block: norm
 
 
 def _pixart():

@@ -19,8 +19,11 @@ attention -> MLP hand-off in one pass) or as modulated_layer_norm / gated_residu
 sits between); blocks with GLIGEN, feed-forward chunking, a positional embedding inside the block or 4-D hidden
 states take diffusers' forward.
 
-Not patched (yet): the inline gated residual + LN + modulate of JointTransformerBlock (SD3) and
-FluxTransformerBlock; their norm modules are patched, the rest runs diffusers' code.
+FluxTransformerBlock likewise: both streams' attention -> MLP hand-offs run as
+gated_residual_modulated_layer_norm, the MLP residuals as gated_residual.
+
+Not patched (yet): the inline gated residual + LN + modulate of JointTransformerBlock (SD3); its norm
+modules are patched, the rest runs diffusers' code.
 """
 import types
 
@@ -132,6 +135,28 @@ def _basic_transformer_block(self, hidden_states, attention_mask=None, encoder_h
     return _gated(x, self.ff(h), gate_mlp)
 
 
+def _flux_transformer_block(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                            joint_attention_kwargs=None):
+    x, c = hidden_states, encoder_hidden_states  # (N, T, D) image and (N, L, D) text streams
+    h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
+    hc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(c, emb=temb)
+    outs = self.attn(hidden_states=h, encoder_hidden_states=hc, image_rotary_emb=image_rotary_emb,
+                     **(joint_attention_kwargs or {}))
+    x, h = _gated_modulate(self.norm2, x, outs[0], gate_msa, shift_mlp, scale_mlp)
+    x = _gated(x, self.ff(h), gate_mlp)
+    if len(outs) == 3:  # IP-adapter output
+        x = x + outs[2]
+    c, hc = _gated_modulate(self.norm2_context, c, outs[1], c_gate_msa, c_shift_mlp, c_scale_mlp)
+    c = _gated(c, self.ff_context(hc), c_gate_mlp)
+    if c.dtype == torch.float16:
+        c = c.clip(-65504, 65504)  # as diffusers does for the text stream
+    return c, x
+
+
+def _flux_block_eligible(block):
+    return _plain_ln(block.norm2) and _plain_ln(block.norm2_context)
+
+
 def _basic_block_eligible(block):
     return block.norm_type in ("ada_norm_zero", "ada_norm_single")
 
@@ -140,6 +165,7 @@ def _patches():
     """{module class: (fused forward, eligibility test)}."""
     from diffusers.models import normalization as n
     from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
     def plain_norm(module):
         return _plain_ln(getattr(module, "norm", None))
@@ -149,6 +175,7 @@ def _patches():
         n.AdaLayerNormZeroSingle: (_ada_layer_norm_zero_single, plain_norm),
         n.SD35AdaLayerNormZeroX: (_sd35_ada_layer_norm_zero_x, plain_norm),
         BasicTransformerBlock: (_basic_transformer_block, _basic_block_eligible),
+        FluxTransformerBlock: (_flux_transformer_block, _flux_block_eligible),
     }
 
 
