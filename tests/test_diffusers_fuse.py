@@ -40,7 +40,7 @@ def _sd3():
     inputs = dict(hidden_states=torch.randn(N, 4, 8, 8, generator=g),
                   encoder_hidden_states=torch.randn(N, 5, 16, generator=g),
                   pooled_projections=torch.randn(N, 16, generator=g), timestep=torch.tensor([10, 500]))
-    return model, inputs, None
+    return model, inputs, 5  # 2 blocks; block 0: SD35AdaLayerNormZeroX + context AdaLayerNormZero; block 1: norm1
 
 
 def _flux():

@@ -19,11 +19,10 @@ attention -> MLP hand-off in one pass) or as modulated_layer_norm / gated_residu
 sits between); blocks with GLIGEN, feed-forward chunking, a positional embedding inside the block or 4-D hidden
 states take diffusers' forward.
 
-FluxTransformerBlock likewise: both streams' attention -> MLP hand-offs run as
-gated_residual_modulated_layer_norm, the MLP residuals as gated_residual.
-
-Not patched (yet): the inline gated residual + LN + modulate of JointTransformerBlock (SD3); its norm
-modules are patched, the rest runs diffusers' code.
+FluxTransformerBlock and JointTransformerBlock (SD3 / SD3.5) likewise: both streams' attention -> MLP
+hand-offs run as gated_residual_modulated_layer_norm, the MLP residuals as gated_residual (SD3.5's second
+attention: gated_residual, then its hand-off fused); JointTransformerBlock with feed-forward chunking takes
+diffusers' forward.
 """
 import types
 
@@ -153,6 +152,36 @@ def _flux_transformer_block(self, hidden_states, encoder_hidden_states, temb, im
     return c, x
 
 
+def _joint_transformer_block(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+    if self._chunk_size is not None:  # feed-forward chunking: diffusers' forward
+        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+    kwargs = joint_attention_kwargs or {}
+    x, c = hidden_states, encoder_hidden_states  # (N, T, D) image and (N, L, D) text streams
+    if self.use_dual_attention:  # SD3.5: a second self-attention on its own modulation of the same LN
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp, h2, gate_msa2 = self.norm1(x, emb=temb)
+    else:
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
+    if self.context_pre_only:  # last block: the text stream only feeds the attention
+        hc = self.norm1_context(c, temb)
+    else:
+        hc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(c, emb=temb)
+    attn, c_attn = self.attn(hidden_states=h, encoder_hidden_states=hc, **kwargs)
+    if self.use_dual_attention:
+        x = _gated(x, attn, gate_msa)
+        x, h = _gated_modulate(self.norm2, x, self.attn2(hidden_states=h2, **kwargs), gate_msa2, shift_mlp, scale_mlp)
+    else:
+        x, h = _gated_modulate(self.norm2, x, attn, gate_msa, shift_mlp, scale_mlp)
+    x = _gated(x, self.ff(h), gate_mlp)
+    if self.context_pre_only:
+        return None, x
+    c, hc = _gated_modulate(self.norm2_context, c, c_attn, c_gate_msa, c_shift_mlp, c_scale_mlp)
+    return _gated(c, self.ff_context(hc), c_gate_mlp), x
+
+
+def _joint_block_eligible(block):
+    return _plain_ln(block.norm2) and (block.context_pre_only or _plain_ln(block.norm2_context))
+
+
 def _flux_block_eligible(block):
     return _plain_ln(block.norm2) and _plain_ln(block.norm2_context)
 
@@ -164,7 +193,7 @@ def _basic_block_eligible(block):
 def _patches():
     """{module class: (fused forward, eligibility test)}."""
     from diffusers.models import normalization as n
-    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
     def plain_norm(module):
@@ -176,6 +205,7 @@ def _patches():
         n.SD35AdaLayerNormZeroX: (_sd35_ada_layer_norm_zero_x, plain_norm),
         BasicTransformerBlock: (_basic_transformer_block, _basic_block_eligible),
         FluxTransformerBlock: (_flux_transformer_block, _flux_block_eligible),
+        JointTransformerBlock: (_joint_transformer_block, _joint_block_eligible),
     }
 
 
