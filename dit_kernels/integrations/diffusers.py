@@ -1,7 +1,7 @@
-"""dit_kernels' fused modulated LayerNorm inside diffusers' adaLN-Zero norm modules.
+"""dit_kernels' fused adaLN ops inside diffusers' transformers (DiT, PixArt, SD3 / SD3.5, Flux).
 
     from dit_kernels.integrations.diffusers import fuse, unfuse
-    fuse(transformer)    # DiTTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel, ...
+    fuse(transformer)    # DiT / PixArt / SD3 / Flux transformer models; returns the modules patched
     unfuse(transformer)  # back to diffusers' own forward
 
 fuse replaces, per instance, the forward of every AdaLayerNormZero (DiT, SD3, Flux double blocks),
