@@ -51,7 +51,8 @@ def _flux():
     s, l = 16, 5
     img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"),
                           -1).reshape(s, 3)
-    inputs = dict(hidden_states=torch.randn(N, s, 8, generator=g), encoder_hidden_states=torch.randn(N, l, 16, generator=g),
+    inputs = dict(hidden_states=torch.randn(N, s, 8, generator=g),
+                  encoder_hidden_states=torch.randn(N, l, 16, generator=g),
                   pooled_projections=torch.randn(N, 16, generator=g), timestep=torch.tensor([0.2, 0.9]),
                   img_ids=img_ids, txt_ids=torch.zeros(l, 3))
     return model, inputs, 4  # double block: the block, norm1, norm1_context; single block: norm

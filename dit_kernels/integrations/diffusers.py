@@ -83,7 +83,8 @@ def _same_dtype(*ts):
 
 def _gated(x, y, gate):
     """x + gate[:, None] * y (gate (N, D))."""
-    if x.dim() == 3 and y.shape == x.shape and tuple(gate.shape) == (x.shape[0], x.shape[2]) and _same_dtype(x, y, gate):
+    if (x.dim() == 3 and y.shape == x.shape and tuple(gate.shape) == (x.shape[0], x.shape[2])
+            and _same_dtype(x, y, gate)):
         return gated_residual(x, y, gate)
     return gate[:, None] * y + x
 
