@@ -108,9 +108,9 @@ def test_partial_tangents_and_branch_dtype():
     assert_close(dh.float(), dh_ref.float(), 2e-2, 2e-2, "h tangent (bf16)")
 
 
-def _tiny_dit(fused):
+def _tiny_dit(fused, depth=2):
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth, num_heads=2,
                 num_classes=10, learn_sigma=False, fused=fused).eval()  # eval: no label dropout
     with torch.no_grad():  # leave adaLN-Zero's zero init: every path must carry signal
         for p in model.parameters():
@@ -170,7 +170,7 @@ def test_meanflow_loss_grads_fused_equal_plain():
 
 def test_compiled_jvp_matches_eager():
     """torch.compile of torch.func.jvp through a fused DiT (the ops take their reference formulas there)."""
-    model = _tiny_dit(fused=True)
+    model = _tiny_dit(fused=True, depth=1)  # one block: tracing time grows with depth
     x, t, y, v = _dit_inputs()
 
     def jvp(x, t, v):
@@ -178,7 +178,7 @@ def test_compiled_jvp_matches_eager():
             return torch.func.jvp(lambda x, t: model(x, t, y), (x, t), (v, torch.ones_like(t)))
 
     torch._dynamo.reset()
-    out, tangent = torch.compile(jvp, backend="aot_eager")(x, t, v)
+    out, tangent = torch.compile(jvp, backend="eager")(x, t, v)
     out_ref, tangent_ref = jvp(x, t, v)
     assert_close(out, out_ref, 1e-5, 1e-5, "primal")
     assert_close(tangent, tangent_ref, 1e-4, 1e-4, "tangent")
