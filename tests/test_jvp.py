@@ -178,7 +178,7 @@ def test_compiled_jvp_matches_eager():
             return torch.func.jvp(lambda x, t: model(x, t, y), (x, t), (v, torch.ones_like(t)))
 
     torch._dynamo.reset()
-    out, tangent = torch.compile(jvp, backend="eager")(x, t, v)
+    out, tangent = torch.compile(jvp, fullgraph=True, backend="eager")(x, t, v)
     out_ref, tangent_ref = jvp(x, t, v)
     assert_close(out, out_ref, 1e-5, 1e-5, "primal")
     assert_close(tangent, tangent_ref, 1e-4, 1e-4, "tangent")
