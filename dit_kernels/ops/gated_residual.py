@@ -156,6 +156,7 @@ if HAS_EXT:
         return (grad_out if need_x else None, dy if need_y else None, dgate if need_gate else None)
 
     torch.library.register_autograd("dit_kernels::gated_residual", _gr_backward, setup_context=_gr_setup_context)
+    _forbid_double_backward("dit_kernels::_gated_residual_backward")
 
     class _GatedResidualFn(torch.autograd.Function):
         """The compiled op with forward-mode AD (ops/_forward_ad.py)."""
@@ -177,7 +178,6 @@ if HAS_EXT:
             return _residual_tangent(ctx.x_dtype, y, gate, dx, dy, dgate).to(ctx.x_dtype)
 
         backward = staticmethod(_gr_backward)
-    _forbid_double_backward("dit_kernels::_gated_residual_backward")
 
     # ---- gated_residual_modulated_layer_norm -------------------------------------------------
 
