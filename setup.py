@@ -114,12 +114,14 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.11", "numpy", "ninja", "tqdm"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        # hypothesis: the op fuzzing tests; diffusers: the conversion / fuse tests and the diffusers anchors
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "diffusers"],
         "data": ["scikit-learn", "pillow", "matplotlib"],
         "triton": ["triton"],
         "flash": ["flash-attn"],
         "ode": ["torchdiffeq"],
         "vae": ["diffusers"],
+        "diffusers": ["diffusers"],  # dit_models.convert_diffusers models, dit_kernels.integrations.diffusers
     },
     ext_modules=EXT_MODULES,
     cmdclass=_cmdclass(),

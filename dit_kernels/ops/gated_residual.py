@@ -14,6 +14,7 @@ import torch
 from .._checks import (check_branch_dtype, check_float, check_mod_dtypes, check_rank, check_same_device, is_branch_dtype,
                        per_sample)
 from .._ext import HAS_EXT, use_ext
+from ._forward_ad import compiled_forward_ad, forward_ad_active, ln_tangent
 from .modulated_layer_norm import _check_mod_fake, _forbid_double_backward, modulated_layer_norm_ref
 
 __all__ = [
@@ -68,9 +69,11 @@ def gated_residual(x, y, gate, impl="auto"):
     check_same_device(x=x, y=y, gate=gate)
     x, y = _validate_pair(x, y)
     gate_nd = per_sample("gate", gate, x.shape[0], x.shape[2])
-    if not use_ext("gated_residual", impl, x.device):
+    if not use_ext("gated_residual", impl, x.device) or compiled_forward_ad():
         return gated_residual_ref(x, y, gate)
     check_mod_dtypes(x.dtype, gate=gate_nd)
+    if forward_ad_active():  # torch.func.jvp (ops/_forward_ad.py)
+        return _GatedResidualFn.apply(x, y, gate_nd)
     return torch.ops.dit_kernels.gated_residual(x, y, gate_nd)
 
 
@@ -87,13 +90,26 @@ def gated_residual_modulated_layer_norm(x, y, gate, shift, scale, eps=1e-6, impl
     gate_nd = per_sample("gate", gate, n, d)
     shift_nd = per_sample("shift", shift, n, d)
     scale_nd = per_sample("scale", scale, n, d)
-    if not use_ext("gated_residual_modulated_layer_norm", impl, x.device):
+    if not use_ext("gated_residual_modulated_layer_norm", impl, x.device) or compiled_forward_ad():
         return gated_residual_modulated_layer_norm_ref(x, y, gate, shift, scale, eps)
     check_mod_dtypes(x.dtype, gate=gate_nd, shift=shift_nd, scale=scale_nd)
+    if forward_ad_active():  # torch.func.jvp (ops/_forward_ad.py)
+        return _GatedResidualModulatedLayerNormFn.apply(x, y, gate_nd, shift_nd, scale_nd, float(eps))[:2]
     x_new, h, _, _ = torch.ops.dit_kernels.gated_residual_modulated_layer_norm(
         x, y, gate_nd, shift_nd, scale_nd, float(eps)
     )
     return x_new, h
+
+
+def _residual_tangent(x_dtype, y, gate, dx, dy, dgate):
+    """Tangent of x + gate[:, None] * y, in fp32 (fp64 for an fp64 x); any tangent may be None."""
+    acc = torch.float64 if x_dtype == torch.float64 else torch.float32
+    d = y.new_zeros(y.shape, dtype=acc) if dx is None else dx.to(acc)  # (N, T, D)
+    if dgate is not None:
+        d = d + dgate.to(acc)[:, None] * y.to(acc)
+    if dy is not None:
+        d = d + gate.to(acc)[:, None] * dy.to(acc)
+    return d
 
 
 def _grad(g):
@@ -144,6 +160,27 @@ if HAS_EXT:
 
     torch.library.register_autograd("dit_kernels::gated_residual", _gr_backward, setup_context=_gr_setup_context)
     _forbid_double_backward("dit_kernels::_gated_residual_backward")
+
+    class _GatedResidualFn(torch.autograd.Function):
+        """The compiled op with forward-mode AD (ops/_forward_ad.py)."""
+
+        @staticmethod
+        def forward(x, y, gate):
+            return torch.ops.dit_kernels.gated_residual(x, y, gate)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _gr_setup_context(ctx, inputs, output)
+            x, y, gate = inputs
+            ctx.save_for_forward(y, gate)
+            ctx.x_dtype = x.dtype
+
+        @staticmethod
+        def jvp(ctx, dx, dy, dgate):
+            y, gate = ctx.saved_tensors
+            return _residual_tangent(ctx.x_dtype, y, gate, dx, dy, dgate).to(ctx.x_dtype)
+
+        backward = staticmethod(_gr_backward)
 
     # ---- gated_residual_modulated_layer_norm -------------------------------------------------
 
@@ -197,3 +234,26 @@ if HAS_EXT:
         "dit_kernels::gated_residual_modulated_layer_norm", _grmln_backward, setup_context=_grmln_setup_context
     )
     _forbid_double_backward("dit_kernels::_gated_residual_modulated_layer_norm_backward")
+
+    class _GatedResidualModulatedLayerNormFn(torch.autograd.Function):
+        """The compiled fused op with forward-mode AD (ops/_forward_ad.py)."""
+
+        @staticmethod
+        def forward(x, y, gate, shift, scale, eps):
+            return torch.ops.dit_kernels.gated_residual_modulated_layer_norm(x, y, gate, shift, scale, eps)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _grmln_setup_context(ctx, inputs, output)
+            x_new, _, mean, rstd = output
+            _, y, gate, _, scale, _ = inputs
+            ctx.save_for_forward(x_new, y, gate, scale, mean, rstd)
+
+        @staticmethod
+        def jvp(ctx, dx, dy, dgate, dshift, dscale, _deps):
+            x_new, y, gate, scale, mean, rstd = ctx.saved_tensors
+            dx_new = _residual_tangent(x_new.dtype, y, gate, dx, dy, dgate)  # (N, T, D) fp32
+            dh = ln_tangent(x_new, mean, rstd, dx_new, scale, dshift, dscale, y.dtype)
+            return dx_new.to(x_new.dtype), dh, None, None
+
+        backward = staticmethod(_grmln_backward)

@@ -11,6 +11,7 @@ import torch
 from .._checks import (check_branch_dtype, check_float, check_mod_dtypes, check_rank, check_same_device, is_branch_dtype,
                        per_sample)
 from .._ext import HAS_EXT, use_ext
+from ._forward_ad import compiled_forward_ad, forward_ad_active, ln_tangent
 
 __all__ = ["modulated_layer_norm", "modulated_layer_norm_ref"]
 
@@ -57,9 +58,11 @@ def modulated_layer_norm(x, shift, scale, eps=1e-6, out_dtype=None, impl="auto")
     x, shift_nd, scale_nd = _validate(x, shift, scale, out_dtype)
     if out_dtype == x.dtype:
         out_dtype = None
-    if not use_ext("modulated_layer_norm", impl, x.device):
+    if not use_ext("modulated_layer_norm", impl, x.device) or compiled_forward_ad():
         return modulated_layer_norm_ref(x, shift, scale, eps, out_dtype=out_dtype)
     check_mod_dtypes(x.dtype, shift=shift_nd, scale=scale_nd)
+    if forward_ad_active():  # torch.func.jvp: the same kernel, with a tangent rule (ops/_forward_ad.py)
+        return _ModulatedLayerNormFn.apply(x, shift_nd, scale_nd, float(eps), out_dtype)[0]
     y, _, _ = torch.ops.dit_kernels.modulated_layer_norm(x, shift_nd, scale_nd, float(eps), out_dtype)
     return y
 
@@ -124,6 +127,7 @@ if HAS_EXT:
         _, mean, rstd = output
         ctx.save_for_backward(x, scale, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.out_dtype = inputs[4] if len(inputs) > 4 else None
 
     def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
         need_x, need_shift, need_scale = ctx.needs_input_grad[:3]
@@ -138,4 +142,27 @@ if HAS_EXT:
     torch.library.register_autograd(
         "dit_kernels::modulated_layer_norm", _backward, setup_context=_setup_context
     )
+
+    class _ModulatedLayerNormFn(torch.autograd.Function):
+        """The compiled op with forward-mode AD: primal from the kernel, tangent from ln_tangent,
+        backward = the registered backward above."""
+
+        @staticmethod
+        def forward(x, shift, scale, eps, out_dtype):
+            return torch.ops.dit_kernels.modulated_layer_norm(x, shift, scale, eps, out_dtype)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _setup_context(ctx, inputs, output)
+            x, _, scale = inputs[:3]
+            _, mean, rstd = output
+            ctx.save_for_forward(x, scale, mean, rstd)
+
+        @staticmethod
+        def jvp(ctx, dx, dshift, dscale, _deps, _dout_dtype):
+            x, scale, mean, rstd = ctx.saved_tensors
+            y_dtype = x.dtype if ctx.out_dtype is None else ctx.out_dtype
+            return ln_tangent(x, mean, rstd, dx, scale, dshift, dscale, y_dtype), None, None
+
+        backward = staticmethod(_backward)
     _forbid_double_backward("dit_kernels::_modulated_layer_norm_backward")

@@ -9,6 +9,7 @@ import torch
 
 from .._checks import check_float, check_rank
 from .._ext import HAS_EXT, use_ext
+from ._forward_ad import compiled_forward_ad, forward_ad_active
 from .modulated_layer_norm import _forbid_double_backward
 
 __all__ = ["patchify", "patchify_ref", "unpatchify", "unpatchify_ref"]
@@ -58,8 +59,10 @@ def patchify(x, patch_size, impl="auto"):
     _, _, hh, ww = x.shape
     if hh % patch_size or ww % patch_size:
         raise ValueError(f"patch_size {patch_size} must divide H and W, got x of shape {tuple(x.shape)}")
-    if not use_ext("patchify", impl, x.device):
+    if not use_ext("patchify", impl, x.device) or compiled_forward_ad():
         return patchify_ref(x, patch_size).contiguous()
+    if forward_ad_active():  # torch.func.jvp (ops/_forward_ad.py)
+        return _PatchifyFn.apply(x.contiguous(), patch_size)
     return torch.ops.dit_kernels.patchify(x.contiguous(), patch_size)
 
 
@@ -89,8 +92,10 @@ def unpatchify(y, patch_size, height, width, channels=None, impl="auto"):
     c = c_all if channels is None else int(channels)
     if not 1 <= c <= c_all:
         raise ValueError(f"channels must be in [1, {c_all}], got {channels}")
-    if not use_ext("unpatchify", impl, y.device):
+    if not use_ext("unpatchify", impl, y.device) or compiled_forward_ad():
         return unpatchify_ref(y, p, height, width, c).contiguous()
+    if forward_ad_active():
+        return _UnpatchifyFn.apply(y.contiguous(), p, height, width, c)
     return torch.ops.dit_kernels.unpatchify(y.contiguous(), p, height, width, c)
 
 
@@ -161,3 +166,34 @@ if HAS_EXT:
     )
     _forbid_double_backward("dit_kernels::_patchify_backward")
     _forbid_double_backward("dit_kernels::_unpatchify_backward")
+
+    # Forward-mode AD (ops/_forward_ad.py): both ops are linear, so a tangent goes through the same kernel.
+
+    class _PatchifyFn(torch.autograd.Function):
+        @staticmethod
+        def forward(x, patch_size):
+            return torch.ops.dit_kernels.patchify(x, patch_size)
+
+        setup_context = staticmethod(_patchify_setup_context)
+
+        @staticmethod
+        def jvp(ctx, dx, _dp):
+            return torch.ops.dit_kernels.patchify(dx.contiguous(), ctx.patch_size)
+
+        backward = staticmethod(_patchify_backward)
+
+    class _UnpatchifyFn(torch.autograd.Function):
+        @staticmethod
+        def forward(y, patch_size, height, width, channels):
+            return torch.ops.dit_kernels.unpatchify(y, patch_size, height, width, channels)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _unpatchify_setup_context(ctx, inputs, output)
+            ctx.args = inputs[1:]
+
+        @staticmethod
+        def jvp(ctx, dy, *_):
+            return torch.ops.dit_kernels.unpatchify(dy.contiguous(), *ctx.args)
+
+        backward = staticmethod(_unpatchify_backward)

@@ -21,6 +21,7 @@ import torch
 
 from .._checks import check_float, check_rank, check_same_device
 from .._ext import HAS_EXT, use_ext
+from ._forward_ad import compiled_forward_ad, forward_ad_active
 
 __all__ = [
     "random_token_mask",
@@ -129,8 +130,10 @@ def gather_tokens(x, ids_keep, impl="auto"):
     _check_ids(ids_keep, x.shape[0], x.shape[1])
     if _DEBUG:
         _debug_check_ids(ids_keep, x.shape[1])
-    if not use_ext("gather_tokens", impl, x.device):
+    if not use_ext("gather_tokens", impl, x.device) or compiled_forward_ad():
         return gather_tokens_ref(x, ids_keep)
+    if forward_ad_active():  # torch.func.jvp (ops/_forward_ad.py)
+        return _GatherTokensFn.apply(_rows(x), ids_keep.contiguous())
     return torch.ops.dit_kernels.gather_tokens(_rows(x), ids_keep.contiguous())
 
 
@@ -167,11 +170,13 @@ def scatter_tokens(kept, ids_keep, fill, length=None, impl="auto"):
     _check_ids(ids_keep, n, t)
     if _DEBUG:
         _debug_check_ids(ids_keep, t)
-    if not use_ext("scatter_tokens", impl, kept.device):
+    if not use_ext("scatter_tokens", impl, kept.device) or compiled_forward_ad():
         return scatter_tokens_ref(kept, ids_keep, fill, t)
     if fill.dtype not in (kept.dtype, torch.float32):
         fill = fill.to(kept.dtype)  # the kernels read fill as kept.dtype or fp32
     fill_arg = _rows(fill) if per_token else fill.reshape(d)  # (N, T, D) strided, or (D,)
+    if forward_ad_active():
+        return _ScatterTokensFn.apply(_rows(kept), ids_keep.contiguous(), fill_arg, t)
     return torch.ops.dit_kernels.scatter_tokens(_rows(kept), ids_keep.contiguous(), fill_arg, t)
 
 
@@ -282,3 +287,47 @@ if HAS_EXT:
     torch.library.register_autograd(
         "dit_kernels::_scatter_tokens_backward", _scatter_bwd_backward, setup_context=_scatter_bwd_setup
     )
+
+    # Forward-mode AD (ops/_forward_ad.py): gather and scatter are linear in (x) and (kept, fill), so
+    # tangents go through the same kernels.
+
+    class _GatherTokensFn(torch.autograd.Function):
+        @staticmethod
+        def forward(x, ids_keep):
+            return torch.ops.dit_kernels.gather_tokens(x, ids_keep)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _gather_setup(ctx, inputs, output)
+            ctx.save_for_forward(inputs[1])
+
+        @staticmethod
+        def jvp(ctx, dx, _dids):
+            (ids_keep,) = ctx.saved_tensors
+            return torch.ops.dit_kernels.gather_tokens(_rows(dx), ids_keep)
+
+        backward = staticmethod(_gather_backward)
+
+    class _ScatterTokensFn(torch.autograd.Function):
+        @staticmethod
+        def forward(kept, ids_keep, fill, length):
+            return torch.ops.dit_kernels.scatter_tokens(kept, ids_keep, fill, length)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _scatter_setup(ctx, inputs, output)
+            kept, ids_keep, fill, length = inputs
+            ctx.save_for_forward(ids_keep)
+            ctx.kept_meta = (kept.shape, kept.dtype)
+            ctx.fill_shape = fill.shape
+            ctx.length = length
+
+        @staticmethod
+        def jvp(ctx, dkept, _dids, dfill, _dlength):
+            (ids_keep,) = ctx.saved_tensors
+            shape, dtype = ctx.kept_meta
+            dkept = ids_keep.new_zeros(shape, dtype=dtype) if dkept is None else _rows(dkept)
+            dfill = ids_keep.new_zeros(ctx.fill_shape, dtype=ctx.fill_dtype) if dfill is None else _rows(dfill)
+            return torch.ops.dit_kernels.scatter_tokens(dkept, ids_keep, dfill, ctx.length)
+
+        backward = staticmethod(_scatter_backward)
