@@ -209,8 +209,9 @@ def test_nonfinite_stop_mode_and_failed_runs_leave_no_empty_folder(monkeypatch, 
     with pytest.raises(SystemExit) as e:
         train.cli([*argv, "--results-dir", str(tmp_path / "early")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "error: non-finite loss or gradient at step 1/6; stopped (--on-nonfinite stop)" in err
+    assert e.value.code == 2 and "error: non-finite loss or gradient at step 1/6 (loss nan); stopped (--on-nonfinite stop)" in err
     assert "removed the run folder" in err and os.listdir(tmp_path / "early") == []
+    monkeypatch.undo()
     _poison(monkeypatch, 3)  # after checkpoint 2: the folder stays, the message names the checkpoint
     with pytest.raises(SystemExit) as e:
         train.cli([*argv, "--results-dir", str(tmp_path / "late")])
