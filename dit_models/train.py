@@ -659,7 +659,9 @@ def cli(argv=None):
             return main(args, outputs)
         except UnreadableImageError as e:  # re-raised from a DataLoader worker: keep the original line
             raise ValueError(str(e).strip().splitlines()[-1].split("UnreadableImageError: ", 1)[-1]) from None
-        except torch.distributed.DistError as e:
+        except RuntimeError as e:
+            if not _peer_failure(e):
+                raise
             raise RankFailure(f"a process of the distributed run failed or stopped answering (--dist-timeout "
                               f"{args.dist_timeout:g} s): {str(e).strip().splitlines()[0]}; {last_checkpoint()}") from e
 
@@ -676,6 +678,15 @@ def cli(argv=None):
         print_summary(out, args, eval_result)
     utils.cleanup_distributed()
     return out
+
+
+def _peer_failure(e):
+    """Whether an error is a collective's (a process of the run died or timed out): torch raises DistError, or
+    from inside DDP's backward a plain RuntimeError of the gloo/NCCL transport."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    words = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out", "Timeout")
+    return utils.is_distributed() and any(w in str(e) for w in words)
 
 
 class RankFailure(RuntimeError):
