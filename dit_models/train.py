@@ -17,6 +17,13 @@ Exact resume: every random draw of a step (data augmentation, diffusion time/noi
 comes from RNGs re-seeded at the start of the step from (seed, rank, step), and the data order from a
 DistributedSampler seeded by (seed, epoch); checkpoints hold model, EMA, optimizer, step, epoch, args (a
 plain dict) and RNG states, written atomically. N steps straight == N/2 steps + --resume + N/2 steps.
+
+Preemption: SIGTERM / SIGUSR1 save a checkpoint at the next step boundary and exit 0. `--resume auto` (or bare
+`--resume`) continues the newest complete checkpoint of --run-dir, else of the newest numbered folder
+<results-dir>/NNN-<method>-<model>, and starts a new run when there is none: a requeued job re-runs the same
+command line (give --run-dir when several runs of one method/model share a results folder). A resumed run
+takes its settings from the checkpoint (apply_checkpoint_args). A NaN/inf loss or gradient skips the step
+(--on-nonfinite skip, counted in the checkpoint and the summary) or stops the run (stop).
 """
 import argparse
 import copy
