@@ -17,12 +17,21 @@ Exact resume: every random draw of a step (data augmentation, diffusion time/noi
 comes from RNGs re-seeded at the start of the step from (seed, rank, step), and the data order from a
 DistributedSampler seeded by (seed, epoch); checkpoints hold model, EMA, optimizer, step, epoch, args (a
 plain dict) and RNG states, written atomically. N steps straight == N/2 steps + --resume + N/2 steps.
+
+Preemption: SIGTERM / SIGUSR1 save a checkpoint at the next step boundary and exit 0. `--resume auto` (or bare
+`--resume`) continues the newest complete checkpoint of --run-dir, else of the newest numbered folder
+<results-dir>/NNN-<method>-<model>, and starts a new run when there is none: a requeued job re-runs the same
+command line (give --run-dir when several runs of one method/model share a results folder). A resumed run
+takes its settings from the checkpoint (apply_checkpoint_args). A NaN/inf loss or gradient skips the step
+(--on-nonfinite skip, counted in the checkpoint and the summary) or stops the run (stop).
 """
 import argparse
 import copy
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 
@@ -30,6 +39,7 @@ import torch
 
 from dit_models import utils
 from dit_models.builders import build_model_from_args, model_config
+from dit_models.cli import run_cli
 from dit_models.data import UnreadableImageError
 from dit_models.methods import METHODS, MethodUnavailable, add_flags, get_method
 from dit_models.metrics import REPORT_NUM_SAMPLES
@@ -119,7 +129,30 @@ def get_parser():
                    help="small SiT on digits + samples + loss plot + evaluation (override any flag, e.g. --max-steps 20)")
     g.add_argument("--eval-samples", type=int, default=REPORT_NUM_SAMPLES,
                    help="quickstart: samples per guidance setting of the digits report (as dit_models.evaluate)")
+    add_preemption_args(p)
     return p
+
+
+def add_preemption_args(parser):
+    """Resume, preemption and numerics flags (issues 18.3, 18.4, 22.3)."""
+    # --resume is declared above; bare `--resume` means `--resume auto` (a requeued job re-runs one command line).
+    resume = next(a for a in parser._actions if a.dest == "resume")
+    resume.nargs, resume.const = "?", "auto"
+    resume.help = ("checkpoint file, run folder, or auto (also bare --resume): the newest complete checkpoint of "
+                   "--run-dir, else of the newest <results-dir>/NNN-<method>-<model> folder, skipping torn files; "
+                   "a new run when there is none, so one command line serves the first start and every requeue. "
+                   "The run's settings come from the checkpoint; given flags may change only steps, LR schedule, "
+                   "intervals and machine settings")
+    g = parser.add_argument_group("preemption and numerics")
+    g.add_argument("--run-dir", default=None,
+                   help="run folder to write (created if missing) instead of a new numbered one under --results-dir; "
+                        "with --resume auto, the run to continue (recommended on clusters)")
+    g.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a collective may wait: when a process dies the others stop with an error within it")
+    g.add_argument("--on-nonfinite", choices=["skip", "stop"], default="skip",
+                   help="a NaN/inf loss or gradient: skip the step (weights, EMA, optimizer state unchanged; counted) "
+                        "or stop with an error")
+    return g
 
 
 def resolve_args(args, parser=None, argv=None):
@@ -146,7 +179,19 @@ def resolve_args(args, parser=None, argv=None):
     if args.precision is None:
         cuda = torch.cuda.is_available() and args.device != "cpu"
         args.precision = m.cuda_precision if cuda else "fp32"
+    if parser is not None:
+        args._given = given_flags(argv)
     return args
+
+
+def given_flags(argv=None):
+    """The destinations of the flags written on the command line (argv; None: sys.argv[1:]), found by parsing
+    it again with every default suppressed: a value equal to the default still counts as given, and the
+    quickstart preset (parser defaults) does not."""
+    parser = get_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,17 +230,22 @@ def make_run_dir(results_dir, method, model_name):
 
 
 def resolved_config(args, dataset):
-    cfg = dict(vars(args))
+    cfg = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     cfg.update(input_size=dataset.resolution, in_channels=dataset.channels, num_classes=args.num_classes,
                data_kind=dataset.kind)
     return cfg
 
 
-def main(args):
-    """Trains a model; returns a dict of output paths (run_dir, checkpoint, samples, loss_plot, ...)."""
+def main(args, outputs=None):
+    """Trains a model; returns a dict of output paths (run_dir, checkpoint, samples, loss_plot, ...).
+
+    outputs: a dict to fill as the run goes (cli reads it after Ctrl-C: where the last checkpoint is).
+    """
     from dit_models.data import StepBatches, build_dataset
 
-    rank, world, _, device = utils.setup_distributed(args.device)
+    outputs = {} if outputs is None else outputs
+    rank, world, _, device = utils.setup_distributed(args.device, getattr(args, "dist_timeout", None))
+    resume = _read_resume(args, rank)  # before the data: the run's settings (data included) may come from it
     if args.global_batch_size % world:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
     # Data first: the model's input size, channels and class count come from it.
@@ -205,7 +255,6 @@ def main(args):
         args.num_classes = dataset.num_classes
     elif args.num_classes != dataset.num_classes:
         raise ValueError(f"--num-classes {args.num_classes} does not match the dataset ({dataset.num_classes} classes in {args.data})")
-    ckpt, ckpt_path = _read_resume(args)
     cfg = resolved_config(args, dataset)
     model, objective = _build(args, dataset, device, cfg)
     if args.dry_run:
@@ -216,26 +265,142 @@ def main(args):
         utils.cleanup_distributed()
         return {"config": cfg}
 
-    run = _Run(args, cfg, dataset, batches, model, objective, rank, world, device, ckpt_path)
-    if ckpt is not None:
-        run.load(ckpt, ckpt_path)
-    run.train()
+    run_dir, created = _open_run_dir(args, resume["run_dir"], rank)
+    outputs["run_dir"] = run_dir
+    run = None
+    try:
+        run = _Run(args, cfg, dataset, batches, model, objective, rank, world, device, run_dir, outputs)
+        for note in resume["notes"]:
+            run.logger.info(note)
+        if resume["ckpt"] is not None:
+            run.load(resume["ckpt"], resume["path"])
+        run.train()
+    except BaseException:
+        # A run that fails before its first checkpoint leaves no numbered folder behind (issue 22.5).
+        if created and rank == 0 and not utils.checkpoint_files(run_dir):
+            for handler in (run.logger.handlers if run is not None else []):
+                handler.close()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            outputs["run_dir"] = None
+            print(f"removed the run folder {run_dir} (no checkpoint was written)", file=sys.stderr)
+        raise
     if rank == 0:
         run.write_summary_files()
     return run.outputs
 
 
-def _read_resume(args):
-    """(checkpoint, path) of --resume (None, None without it); the run must have the same model and data."""
-    if not args.resume:
-        return None, None
-    ckpt_path = utils.latest_checkpoint(args.resume)
-    ckpt = utils.load_training_checkpoint(ckpt_path)
-    old = ckpt.get("args", {})
-    for k in ("method", "model", "depth", "hidden_size", "num_heads", "num_classes", "data"):
-        if k in old and old[k] != getattr(args, k):
-            raise ValueError(f"--resume: checkpoint was trained with {k}={old[k]!r}, got {getattr(args, k)!r}")
-    return ckpt, ckpt_path
+# Flags that describe this invocation or this machine: never taken from the checkpoint.
+RESUME_LOCAL = {"resume", "run_dir", "results_dir", "device", "num_workers", "dist_timeout", "dry_run", "quickstart",
+                "eval_samples"}
+# Flags a resumed run may change: when given they win over the checkpoint's value (otherwise it is taken).
+RESUME_MAY_CHANGE = {"max_steps", "epochs", "lr", "lr_schedule", "warmup_steps", "grad_clip", "log_every",
+                     "ckpt_every", "sample_every", "sample_cfg_scale", "precision", "compile", "fused",
+                     "skip_bad_images", "on_nonfinite"}
+
+
+def _read_resume(args, rank=0):
+    """What --resume continues: {"ckpt", "path", "run_dir", "notes"}; ckpt/path None for a new run (no
+    --resume, or --resume auto without a complete checkpoint). Rank 0 decides and tells the others (it may
+    create run folders meanwhile). The checkpoint's settings replace args' (apply_checkpoint_args)."""
+    found = None
+    if rank == 0:
+        try:
+            found = _find_resume(args)
+        except (FileNotFoundError, ValueError) as e:  # raised on every rank below, none waits for rank 0
+            found = {"error": e}
+    if utils.is_distributed():
+        box = [None if found is None else {k: v for k, v in found.items() if k != "ckpt"}]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if rank != 0:
+            found = dict(box[0], ckpt=None)
+            if found.get("path") is not None:
+                found["ckpt"] = utils.load_training_checkpoint(found["path"])
+    if "error" in found:
+        raise found["error"]
+    if found["ckpt"] is not None:
+        found["notes"] += apply_checkpoint_args(args, found["ckpt"].get("args", {}), found["path"])
+    return found
+
+
+def _find_resume(args):
+    notes = []
+    resume, run_dir, path, ckpt = args.resume, getattr(args, "run_dir", None), None, None
+    if resume == "auto":
+        run_dir = run_dir or newest_run_dir(args.results_dir, args.method, args.model)
+        if run_dir is not None and utils.checkpoint_files(run_dir):
+            try:
+                path, ckpt = utils.newest_complete_checkpoint(run_dir, log=notes.append)
+            except FileNotFoundError as e:
+                notes.append(f"--resume auto: {e}; starting the run again")
+        if ckpt is None:
+            notes.append(f"--resume auto: no checkpoint in {run_dir or args.results_dir!r}: a new run")
+    elif resume:
+        if os.path.isdir(resume):
+            path, ckpt = utils.newest_complete_checkpoint(resume, log=notes.append)
+        else:
+            path, ckpt = utils.latest_checkpoint(resume), utils.load_training_checkpoint(resume)
+        if run_dir is None:  # <run>/checkpoints/NNNNNNN.pt
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    elif run_dir is not None and utils.checkpoint_files(run_dir):
+        raise ValueError(f"--run-dir {run_dir} already holds checkpoints: add --resume auto to continue it, "
+                         "or choose another folder")
+    if run_dir is not None and ckpt is not None:
+        for name in utils.remove_stale_temp_files(os.path.join(run_dir, "checkpoints")):
+            notes.append(f"removed {name} (a checkpoint write that was cut short)")
+    return {"ckpt": ckpt, "path": path, "run_dir": run_dir, "notes": notes}
+
+
+def newest_run_dir(results_dir, method, model):
+    """The numbered folder <results_dir>/NNN-<method>-<model> with the highest number (None: none)."""
+    pattern = re.compile(r"(\d+)-" + re.escape(f"{method}-{model.replace('/', '-')}"))
+    runs = [(int(m.group(1)), d) for d in (os.listdir(results_dir) if os.path.isdir(results_dir) else [])
+            if (m := pattern.fullmatch(d)) and os.path.isdir(os.path.join(results_dir, d))]
+    return os.path.join(results_dir, max(runs)[1]) if runs else None
+
+
+def apply_checkpoint_args(args, old, path):
+    """Takes the run's settings from its checkpoint's args dict (old): flags not given on the command line get
+    the checkpoint's value; given ones may differ only in RESUME_MAY_CHANGE (they win, and are named in the
+    returned notes). Every other difference is listed in one ValueError. args._given holds the flags written
+    on the command line (resolve_args); without it (a programmatic caller) every value counts as given."""
+    given = getattr(args, "_given", None)
+    conflicts, changed = [], []
+    for key, value in old.items():
+        if key in RESUME_LOCAL or key.startswith("_") or not hasattr(args, key):
+            continue  # this machine's settings, or not a flag (input_size, data_kind, ...)
+        mine = getattr(args, key)
+        if given is not None and key not in given:
+            setattr(args, key, value)
+        elif mine != value and not (given is None and mine is None):
+            if key in RESUME_MAY_CHANGE:
+                changed.append(f"--{key.replace('_', '-')} {mine} (checkpoint: {value})")
+            else:
+                conflicts.append(f"  --{key.replace('_', '-')}: checkpoint {value!r}, given {mine!r}")
+        elif given is None and mine is None:
+            setattr(args, key, value)
+    if conflicts:
+        raise ValueError(f"--resume {path}: the run was trained with other settings, which cannot change on resume:\n"
+                         + "\n".join(conflicts) + "\nleave these flags out (the run's settings come from the checkpoint) "
+                         "or start a new run")
+    return [f"resuming with the checkpoint's settings; changed: {', '.join(changed)}"] if changed else []
+
+
+def _open_run_dir(args, run_dir, rank):
+    """(run folder, whether this call created it): run_dir (a resumed run or --run-dir), else a new numbered one
+    under --results-dir. Rank 0 creates it and tells the others."""
+    created = False
+    if rank == 0:
+        if run_dir is None:
+            run_dir, created = make_run_dir(args.results_dir, args.method, args.model), True
+        else:
+            created = not os.path.isdir(run_dir)
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    if utils.is_distributed():  # share the run folder name with the other ranks
+        box = [run_dir]
+        torch.distributed.broadcast_object_list(box, src=0)
+        run_dir = box[0]
+    return run_dir, created
 
 
 def _build(args, dataset, device, cfg):
@@ -254,21 +419,9 @@ def _build(args, dataset, device, cfg):
 class _Run:
     """One training run: run folder and logger, EMA, optimizer, the step loop and its checkpoints."""
 
-    def __init__(self, args, cfg, dataset, batches, model, objective, rank, world, device, ckpt_path):
+    def __init__(self, args, cfg, dataset, batches, model, objective, rank, world, device, run_dir, outputs=None):
         self.args, self.cfg, self.dataset, self.batches = args, cfg, dataset, batches
         self.model, self.objective, self.rank, self.world, self.device = model, objective, rank, world, device
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))) if ckpt_path else None
-        if rank == 0:
-            if run_dir is None:
-                run_dir = make_run_dir(args.results_dir, args.method, args.model)
-            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-            os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        else:
-            run_dir = None
-        if utils.is_distributed():  # share the run folder name with the other ranks
-            box = [run_dir]
-            torch.distributed.broadcast_object_list(box, src=0)
-            run_dir = box[0]
         self.run_dir = run_dir
         self.logger = logger = utils.create_logger(run_dir, rank)
         logger.info(f"command: {' '.join(sys.argv)}")
@@ -286,8 +439,10 @@ class _Run:
                     f"({utils.count_params(model, True):,} trainable), config {json.dumps(model_config(model))}")
         # loss: mean over ranks and each log interval; step_loss: every step of rank 0 (the plot of a short run)
         self.start_step, self.history = 0, {"step": [], "loss": [], "step_loss": []}
-        self.outputs = {"run_dir": run_dir, "checkpoint": None, "samples": None, "loss_plot": None,
-                        "log": os.path.join(run_dir, "log.txt")}
+        self.skipped_steps = 0  # non-finite loss or gradient (--on-nonfinite skip)
+        self.outputs = {} if outputs is None else outputs
+        self.outputs.update(run_dir=run_dir, checkpoint=None, samples=None, loss_plot=None, stopped_by=None,
+                            skipped_steps=0, log=os.path.join(run_dir, "log.txt"))
 
     def load(self, ckpt, ckpt_path):
         self.model.load_state_dict(ckpt["model"])
@@ -295,6 +450,8 @@ class _Run:
         self.opt.load_state_dict(ckpt["opt"])
         self.objective.load_state_dict(ckpt.get("objective", {}))
         self.start_step = int(ckpt["step"])
+        self.skipped_steps = self.outputs["skipped_steps"] = int(ckpt.get("skipped_steps", 0))
+        self.outputs["checkpoint"] = ckpt_path
         self.history = dict(self.history, **ckpt.get("history", {}))
         utils.set_rng_states(ckpt.get("rng", {}).get(self.rank) if isinstance(ckpt.get("rng"), dict) else None)
         self.logger.info(f"resumed from {ckpt_path} at step {self.start_step}")
@@ -322,9 +479,11 @@ class _Run:
             path = os.path.join(self.run_dir, "checkpoints", f"{step:07d}.pt")
             utils.save_atomic({"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                                "objective": self.objective.state_dict(), "step": step, "epoch": epoch, "args": self.cfg,
-                               "history": self.history, "rng": dict(enumerate(rng))}, path)
+                               "history": self.history, "rng": dict(enumerate(rng)),
+                               "skipped_steps": self.skipped_steps}, path)
             self.outputs["checkpoint"] = path
             self.logger.info(f"saved checkpoint {path}")
+        self.saved_step = step
         utils.barrier()
 
     def train(self):
@@ -338,69 +497,107 @@ class _Run:
                     f"global batch {args.global_batch_size}, {args.global_batch_size // self.world} per process)")
         sample_labels = _sample_labels(args.num_classes, device)
         running = torch.zeros((), device=device)
-        running_logs, n_running, step_losses = {}, 0, []
+        running_logs, n_running, n_interval, step_losses = {}, 0, 0, []
         timer = utils.Timer(device)
         t_start = time.time()
         step = start_step
         epoch = start_step // batches.steps_per_epoch
-        for epoch, step, x, y in batches.iterate(start_step, max_steps):
-            # Every random draw of this step comes from (seed, rank, step): exact resume.
-            utils.seed_everything(derive_seed(args.seed, rank, step))
-            gen = torch.Generator().manual_seed(derive_seed(args.seed, rank, step, 1))
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            x = self.dataset.augment(x, gen)
-            # Free the previous step's gradients before the forward: they would otherwise sit beside the
-            # activations at the memory peak (2.5 GiB for DiT-XL/2).
-            self.opt.zero_grad(set_to_none=True)
-            with autocast:
-                loss, logs = self.objective(train_model, x, y, step)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
-            for group in self.opt.param_groups:
-                group["lr"] = lr_at(args, step, max_steps)
-            self.opt.step()
-            ema_updater.update(args.ema_decay)
-            self.objective.after_step(self.model, step, max_steps)
+        self.saved_step = start_step if self.outputs["checkpoint"] else None
+        with utils.StopSignals(device) as stop:
+            for epoch, step, x, y in batches.iterate(start_step, max_steps):
+                # Every random draw of this step comes from (seed, rank, step): exact resume.
+                utils.seed_everything(derive_seed(args.seed, rank, step))
+                gen = torch.Generator().manual_seed(derive_seed(args.seed, rank, step, 1))
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                x = self.dataset.augment(x, gen)
+                # Free the previous step's gradients before the forward: they would otherwise sit beside the
+                # activations at the memory peak (2.5 GiB for DiT-XL/2).
+                self.opt.zero_grad(set_to_none=True)
+                with autocast:
+                    loss, logs = self.objective(train_model, x, y, step)
+                loss.backward()
+                done = step + 1
+                # One host read per step, agreed across ranks. A skipped step leaves weights, EMA, optimizer
+                # state (Adam's step count) and the objective's state as they were; the LR schedule follows the
+                # step number, so the steps after it get the LR they would have had.
+                if utils.nonfinite_step(loss, self.params):
+                    self._nonfinite(loss, done, max_steps)
+                    step_losses.append(torch.tensor(float("nan")))
+                else:
+                    if args.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
+                    for group in self.opt.param_groups:
+                        group["lr"] = lr_at(args, step, max_steps)
+                    self.opt.step()
+                    ema_updater.update(args.ema_decay)
+                    self.objective.after_step(self.model, step, max_steps)
+                    running += loss.detach().float()
+                    step_losses.append(loss.detach().float())  # read back at the next log line
+                    for k, v in logs.items():
+                        running_logs[k] = running_logs.get(k, 0) + v.float()
+                    n_running += 1
+                n_interval += 1
+                if done % args.log_every == 0 or done == max_steps:
+                    dt = timer.lap()
+                    sps = n_interval / max(dt, 1e-9)
+                    history["step_loss"].extend(torch.stack(step_losses).tolist())
+                    step_losses = []
+                    if n_running:  # the same on every rank: skipped steps are agreed
+                        avg = utils.all_reduce_mean(running / n_running).item()  # loss averaged over ranks
+                        extras = " ".join(f"{k}={utils.all_reduce_mean(v / n_running).item():.4f}"
+                                          for k, v in running_logs.items())
+                        history["step"].append(done)
+                        history["loss"].append(avg)
+                        loss_text = f"loss {avg:.4f} {extras + ' ' if extras else ''}"
+                    else:
+                        loss_text = "loss - (every step of the interval skipped) "
+                    skipped = f"({self.skipped_steps} skipped) " if self.skipped_steps else ""
+                    logger.info(f"step {done:7d}/{max_steps} ({100.0 * done / max_steps:5.1f}%) epoch {epoch} {loss_text}"
+                                f"{skipped}| {sps:.2f} steps/s {sps * args.global_batch_size:.1f} img/s "
+                                f"| elapsed {time.time() - t_start:.0f}s eta {(max_steps - done) / max(sps, 1e-9):.0f}s")
+                    running.zero_()
+                    running_logs, n_running, n_interval = {}, 0, 0
+                if args.sample_every and (done % args.sample_every == 0 or done == max_steps):
+                    if rank == 0:
+                        self.outputs["samples"] = _write_samples(args, self.ema, sample_labels, device, self.run_dir, done)
+                        logger.info(f"EMA samples -> {self.outputs['samples']}")
+                    utils.barrier()
+                if done % args.ckpt_every == 0 and done != max_steps:
+                    self.save_checkpoint(done, epoch)
+                step = done
+                if done != max_steps and stop.requested():  # SIGTERM / SIGUSR1: checkpoint here and exit 0
+                    if self.saved_step != done:
+                        self.save_checkpoint(done, epoch)
+                    self.outputs["stopped_by"] = stop.received
+                    logger.info(f"{stop.received}: stopped at step {done}/{max_steps}, checkpoint "
+                                f"{self.outputs['checkpoint']}; the same command with --resume auto (or --resume "
+                                f"{self.run_dir}) continues it")
+                    break
 
-            running += loss.detach().float()
-            step_losses.append(loss.detach().float())  # read back at the next log line: no per-step host sync
-            for k, v in logs.items():
-                running_logs[k] = running_logs.get(k, 0) + v.float()
-            n_running += 1
-            done = step + 1
-            if done % args.log_every == 0 or done == max_steps:
-                dt = timer.lap()
-                avg = utils.all_reduce_mean(running / n_running).item()  # loss averaged over ranks
-                extras = " ".join(f"{k}={utils.all_reduce_mean(v / n_running).item():.4f}" for k, v in running_logs.items())
-                sps = n_running / max(dt, 1e-9)
-                history["step"].append(done)
-                history["loss"].append(avg)
-                history["step_loss"].extend(torch.stack(step_losses).tolist())
-                step_losses = []
-                if not math.isfinite(avg):
-                    raise FloatingPointError(f"loss is {avg} at step {done}; try --precision fp32 or a lower --lr")
-                logger.info(f"step {done:7d}/{max_steps} ({100.0 * done / max_steps:5.1f}%) epoch {epoch} loss {avg:.4f} "
-                            f"{extras + ' ' if extras else ''}| {sps:.2f} steps/s {sps * args.global_batch_size:.1f} img/s "
-                            f"| elapsed {time.time() - t_start:.0f}s eta {(max_steps - done) / max(sps, 1e-9):.0f}s")
-                running.zero_()
-                running_logs, n_running = {}, 0
-            if args.sample_every and (done % args.sample_every == 0 or done == max_steps):
-                if rank == 0:
-                    self.outputs["samples"] = _write_samples(args, self.ema, sample_labels, device, self.run_dir, done)
-                    logger.info(f"EMA samples -> {self.outputs['samples']}")
-                utils.barrier()
-            if done % args.ckpt_every == 0 and done != max_steps:
-                self.save_checkpoint(done, epoch)
-            step = done
-
-        if step >= start_step and max_steps > start_step:
-            self.save_checkpoint(max_steps, epoch)
-        elif rank == 0:
-            logger.info("nothing to train: the checkpoint is already at --max-steps")
+        if self.outputs["stopped_by"] is None:
+            if step >= start_step and max_steps > start_step:
+                self.save_checkpoint(max_steps, epoch)
+            elif rank == 0:
+                logger.info("nothing to train: the checkpoint is already at --max-steps")
+        if self.skipped_steps:
+            logger.info(f"{self.skipped_steps} step(s) skipped for a non-finite loss or gradient")
         self.outputs.update(final_loss=history["loss"][-1] if history["loss"] else None, history=history,
-                            train_time_s=time.time() - t_start, ema=self.ema, model=self.model)
+                            train_time_s=time.time() - t_start, ema=self.ema, model=self.model,
+                            skipped_steps=self.skipped_steps)
+
+    def _nonfinite(self, loss, step, max_steps):
+        """A NaN/inf loss or gradient at (1-based) step: counted and logged, or FloatingPointError with
+        --on-nonfinite stop."""
+        self.skipped_steps += 1
+        self.outputs["skipped_steps"] = self.skipped_steps
+        what = f"non-finite loss or gradient at step {step}/{max_steps} (loss {loss.item():.4g})"
+        if getattr(self.args, "on_nonfinite", "skip") == "stop":
+            last = self.outputs["checkpoint"] or "none written yet"
+            raise FloatingPointError(f"{what}; stopped (--on-nonfinite stop). Try --precision fp32, a lower --lr or "
+                                     f"--grad-clip 1; last checkpoint: {last}")
+        self.logger.warning(f"{what}: step skipped, weights, EMA and optimizer state unchanged "
+                            f"({self.skipped_steps} skipped so far)")
 
     def write_summary_files(self):
         """Loss plot and CSV, and the resolved configuration, in the run folder."""
@@ -440,6 +637,10 @@ def print_summary(out, args, eval_result=None):
              f"  EMA samples    {out['samples']}",
              f"  loss plot      {out['loss_plot'] or '(matplotlib not installed)'}",
              f"  log            {out['log']}"]
+    if out.get("skipped_steps"):
+        lines.append(f"  skipped steps  {out['skipped_steps']} (non-finite loss or gradient)")
+    if out.get("stopped_by"):
+        lines.append(f"  stopped by     {out['stopped_by']}: the same command with --resume auto continues the run")
     if eval_result is not None:
         from dit_models.metrics import format_report
 
@@ -453,25 +654,59 @@ def cli(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     args = resolve_args(args, parser, argv)
-    try:
-        out = main(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError, MethodUnavailable) as e:
-        msg = str(e).strip()
-        if isinstance(e, UnreadableImageError):  # re-raised from a DataLoader worker: keep the original line
-            msg = msg.splitlines()[-1].split("UnreadableImageError: ", 1)[-1]
-        print(f"error: {msg}", file=sys.stderr)
-        utils.cleanup_distributed()
-        sys.exit(2)
+    outputs = {}  # filled as the run goes: what Ctrl-C and a failed rank report
+
+    def last_checkpoint():
+        if outputs.get("checkpoint"):
+            return f"last checkpoint {outputs['checkpoint']} (continue with --resume auto or --resume {outputs['checkpoint']})"
+        return "no checkpoint was written" + (f" in {outputs['run_dir']}" if outputs.get("run_dir") else "")
+
+    def run(args):
+        try:
+            return main(args, outputs)
+        except UnreadableImageError as e:  # re-raised from a DataLoader worker: keep the original line
+            raise ValueError(str(e).strip().splitlines()[-1].split("UnreadableImageError: ", 1)[-1]) from None
+        except RuntimeError as e:
+            if not _peer_failure(e):
+                raise
+            raise RankFailure(f"a process of the distributed run failed or stopped answering (--dist-timeout "
+                              f"{args.dist_timeout:g} s): {str(e).strip().splitlines()[0]}; {last_checkpoint()}") from e
+
+    out = run_cli(run, args, errors=(FileNotFoundError, NotADirectoryError, ValueError, ImportError,
+                                     MethodUnavailable, FloatingPointError, RankFailure),
+                  interrupted=last_checkpoint, cleanup=_cleanup_after_error)
     if args.dry_run:
         return out
     rank = int(os.environ.get("RANK", "0"))
     eval_result = None
-    if args.quickstart and rank == 0 and args.data.startswith("digits"):
+    if args.quickstart and rank == 0 and args.data.startswith("digits") and not out.get("stopped_by"):
         eval_result = evaluate_run(out, args)
     if rank == 0:
         print_summary(out, args, eval_result)
     utils.cleanup_distributed()
     return out
+
+
+def _peer_failure(e):
+    """Whether an error is a collective's (a process of the run died or timed out): torch raises DistError, or
+    from inside DDP's backward a plain RuntimeError of the gloo/NCCL transport."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    words = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out", "Timeout")
+    return utils.is_distributed() and any(w in str(e) for w in words)
+
+
+class RankFailure(RuntimeError):
+    """Another process of a distributed run died or timed out (a collective raised)."""
+
+
+def _cleanup_after_error():
+    # After a peer died, tearing down the process group may wait for it: abort instead.
+    if utils.is_distributed():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:
+            pass
 
 
 if __name__ == "__main__":
