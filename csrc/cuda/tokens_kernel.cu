@@ -1,4 +1,4 @@
-// CUDA kernels for the masked-token ops (MaskDiT / SD-DiT), kernels.md §2.4. Semantics as in
+// CUDA kernels for the masked-token ops (MaskDiT / SD-DiT). Semantics as in
 // csrc/cpu/tokens_kernel.cpp.
 //
 // Bytes floor (derived; H200 target >= 3000 GB/s; bf16, N=256, T=256, K=128, D=1152, row = 2304 B):
