@@ -926,7 +926,7 @@ VECTORISED = {
     "gather_rows_kernel": (lambda a: _row_pack_bits(a, 1, (0,)), {"ids"}),
     "merge_rows_kernel": (lambda a: _row_pack_bits(a, 2, (0, 1)), {"inv"}),
     "scatter_bwd_token_kernel": (lambda a: _row_pack_bits(a, 2, (0, 1)), {"inv"}),
-    "scatter_bwd_fill_partial_kernel": (lambda a: _row_pack_bits(a, 1, (0,)), {"inv", "partial"}),
+    "scatter_bwd_fill_partial_kernel": (lambda a: _row_pack_bits(a, 1, (0,)), {"ids", "partial"}),
 }
 
 
@@ -971,33 +971,55 @@ def hard_failures(facts, launch_models=()):
 CACHE = REPO / "build" / "kernel_report"
 
 
-def tree_digest(csrc):
+def code_text(path):
+    """A source's text with its comments blanked and its line breaks kept: what decides the cubin
+    (its line info counts lines; comment wording does not change it)."""
+    text = Path(path).read_text()
+    text = re.sub(r"/\*.*?\*/", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def local_includes(src, seen=None):
+    """The files of the tree a source includes with #include "...", transitively."""
+    seen = set() if seen is None else seen
+    for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', Path(src).read_text(), flags=re.M):
+        p = (Path(src).parent / name).resolve()
+        if p.is_file() and p not in seen:
+            seen.add(p)
+            local_includes(p, seen)
+    return seen
+
+
+def source_digest(src):
+    """Digest of one .cu as compiled: the flags, its code and the code of the headers it includes."""
     h = hashlib.sha256(" ".join(NVCC_FLAGS).encode())
-    for p in sorted(Path(csrc).rglob("*")):
-        if p.is_file() and p.suffix in (".cu", ".cuh", ".h", ".hpp"):
-            h.update(str(p.relative_to(csrc)).encode())
-            h.update(p.read_bytes())
+    for p in [Path(src)] + sorted(local_includes(src)):
+        h.update(p.name.encode())
+        h.update(code_text(p).encode())
     return h.hexdigest()[:16]
 
 
 def facts_for(csrc, jobs, label):
-    """Compile csrc/cuda of a tree (cubins cached under build/kernel_report by content) and analyse."""
+    """Compile each csrc/cuda/*.cu of a tree (cubins cached per source under build/kernel_report, by
+    the digest of the code that decides them) and analyse them."""
     csrc = Path(csrc)
-    work = CACHE / f"{label}-{tree_digest(csrc)}"
-    done = work / "done"
-    if not done.exists():
-        work.mkdir(parents=True, exist_ok=True)
+    sources = sorted((csrc / "cuda").glob("*.cu"))
+    cubins = {s: CACHE / label / source_digest(s) / (s.stem + ".cubin") for s in sources}
+    todo = [s for s in sources if not Path(str(cubins[s]) + ".log").exists()]
+    if todo:
         flags = torch_compile_flags()
-        sources = sorted((csrc / "cuda").glob("*.cu"))
+
+        def build(s):
+            cubins[s].parent.mkdir(parents=True, exist_ok=True)
+            cubin, log = compile_cubin(s, cubins[s].parent, flags)
+            Path(str(cubin) + ".log").write_text(log)   # written last: marks the cubin complete
+
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            results = list(pool.map(lambda s: compile_cubin(s, work, flags), sources))
-        for cubin, log in results:
-            Path(str(cubin) + ".log").write_text(log)
-        done.write_text("")
+            list(pool.map(build, todo))
     decls = Declarations.of_tree(csrc)
     facts = []
-    for cubin in sorted(work.glob("*.cubin")):
-        facts += analyse_cubin(cubin, Path(str(cubin) + ".log").read_text(), decls)
+    for s in sources:
+        facts += analyse_cubin(cubins[s], Path(str(cubins[s]) + ".log").read_text(), decls)
     return facts
 
 

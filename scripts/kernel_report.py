@@ -449,9 +449,18 @@ def token_launches(which, current=False):
                             l2=frozenset({"fill"}), elems_per_thread=D / 32)]
     if which == "scatter_bwd":
         tiles = math.ceil(N * T / 128)
-        return [inv, Launch("scatter_bwd_fill_partial_kernel<bf16,8>", "tokens_kernel",
-                            tiles * math.ceil(D / 8 / 32), 256, (N * T + N * K) * row + N * T * 4 + tiles * D * 4,
-                            loops=[(r"s0 \+= kUnroll", 128 // 8 // 4)], elems_per_thread=16 * 8),
+        if current:   # the tile's inverse map built in shared memory from ids: no inverse-map launch
+            partial = Launch("scatter_bwd_fill_partial_kernel<bf16,8>", "tokens_kernel", tiles * math.ceil(D / 8 / 32),
+                             256, (N * T + N * K) * row + N * K * 8 + tiles * D * 4,
+                             loops=[(r"s0 \+= kUnroll", 128 // 8 // 4), (r"i < kTileRows; i \+= blockDim", 1),
+                                    (r"n = r0 / Tlen", 1), (r"k = threadIdx\.x; k < K", 1)],
+                             l2=frozenset({"ids"}), elems_per_thread=16 * 8)
+            first = [partial]
+        else:
+            first = [inv, Launch("scatter_bwd_fill_partial_kernel<bf16,8>", "tokens_kernel",
+                                 tiles * math.ceil(D / 8 / 32), 256, (N * T + N * K) * row + N * T * 4 + tiles * D * 4,
+                                 loops=[(r"s0 \+= kUnroll", 128 // 8 // 4)], elems_per_thread=16 * 8)]
+        return first + [
                 Launch("scatter_bwd_fill_final_kernel<fp32,bf16>", "tokens_kernel", math.ceil(D / 32), 256,
                        tiles * D * 4, loops=[(r"tile \+= kTileWarps", Unrolled(tiles / 8))], elems_per_thread=tiles / 8)]
     raise KeyError(which)
@@ -576,13 +585,14 @@ def current_patch(which, direction):
     row_bytes = row_elems * esize
     r_batch = max(1, min((32 * 1024) // row_bytes, math.ceil(rows / (SM_COUNT * 8))))
     src_vecs = r_batch * (c * p * ww if to_tokens else w * f) // vec
+    batch = 2 if to_tokens else 4          # kPatchBatch<TO_TOKENS>
     dst_vecs = r_batch * ((w * f) if to_tokens else (c * p * ww)) // vec
     moved = 2 * nbytes if to_tokens or which == "pixel" else 3 * nbytes   # unpatchify reads all C_all columns
     kern = (f"patch_rows_kernel<u16,{'true' if to_tokens else 'false'},{'true' if conv else 'false'},"
             f"{'true' if runs else 'false'}>")
     smem = math.ceil(r_batch * c * 8 / 16) * 16 + r_batch * row_bytes
     return [Launch(kern, "patchify_kernel", math.ceil(rows / r_batch), 256, moved, smem,
-                   loops=[(r"k < segs", 1), (r"u0 < src_vecs", math.ceil(src_vecs / (256 * 4))),
+                   loops=[(r"k < segs", 1), (r"u0 < src_vecs", math.ceil(src_vecs / (256 * batch))),
                           (r"u < dst_vecs", math.ceil(dst_vecs / 256))],
                    elems_per_thread=dst_vecs * 8 / 256)]
 
@@ -782,21 +792,24 @@ def describe_launch(lm, p, src):
 
 # Why an op's prediction stays below its target (shown for the ops that miss at L_dram = 0.7 us).
 MISS_REASONS = {
-    "patchify[pixel]": "50.3 MB: the DRAM floor (12.1 us at the cap) plus the fitted per-kernel overhead "
-                       "(t_launch; gather fwd, one memory-bound kernel, measured 7.3 us above its floor) caps a "
-                       "50 MB op near 2630 GB/s in this model, whatever the kernel does. DiT patchifies its "
-                       "32x32x4 latent (the latent rows below), pixel-space models once per step.",
-    "unpatchify[pixel]": "The same ~2630 GB/s cap; in addition the output-layout gather reads 2-byte elements "
-                         "C_all apart from shared memory (8 shared-memory loads per 16-byte store) at 6 CTAs/SM "
-                         "(40 registers; 32 spill).",
+    "patchify[pixel]": "{mb:.1f} MB: the DRAM floor ({floor:.1f} us at the cap) plus the fitted per-kernel overhead "
+                       "(t_launch, {launch:.1f} us) caps a {mb:.0f} MB op near {ceiling:.0f} GB/s in this model, "
+                       "whatever the kernel does. DiT patchifies its 32x32x4 latent (the latent rows below), "
+                       "pixel-space models once per step.",
+    "unpatchify[pixel]": "The same fixed per-kernel overhead as patchify[pixel]; in addition the output-layout gather "
+                         "reads 2-byte elements C_all apart from shared memory (8 shared-memory loads per 16-byte "
+                         "store) at 6 CTAs/SM (40 registers). The padded token stride makes those loads at most "
+                         "2-way bank-conflicted (16-way before); the model counts no bank conflicts, so this "
+                         "figure is optimistic for the old kernel and about right for the new one.",
     "patchify[latent]": "4.2 MB is 1.0 us at the cap: launch- and host-bound. The model step embeds patches with "
                         "the fused path (dit_kernels.patchify + Linear, `fused=True` in dit_models/models/dit.py); "
                         "whether it beats Conv2d inside a CUDA graph needs the GPU (not measured).",
     "unpatchify[latent]": "As patchify[latent]: 4.2 MB, launch-bound; the model calls it once per step on the "
                           "final layer's output.",
-    "scatter_tokens:fwd_bwd": "Four launches (inverse map + merge, inverse map + d_fill partials + final sum): "
-                              "the per-kernel overhead is ~30 of ~155 us. Reusing the forward's inverse map in "
-                              "the backward (autograd context) would drop one launch; not done.",
+    "scatter_tokens:fwd_bwd": "Four launches (inverse map + merge; d_fill partials, which build their tile's inverse "
+                              "map in shared memory from ids, + the final sum): the per-kernel overhead is ~4 x "
+                              "t_launch of ~150 us. Saving the forward's inverse map for the backward (an op "
+                              "schema change) or a last-CTA final sum would remove more; not done.",
 }
 
 
@@ -923,6 +936,9 @@ def write_report(path, cur_facts, cur_models, cur_src, base, fails, notes, param
         for op, lms in misses:
             rng = prediction_range(op, lms, params)
             reason = MISS_REASONS.get(op.op) or MISS_REASONS.get(f"{op.op}:{op.mode}") or "not analysed"
+            floor = op.moved_bytes / (params.cap_gbps * 1e3)
+            reason = reason.format(mb=op.min_bytes / 1e6, floor=floor, launch=params.launch_us,
+                                   ceiling=op.min_bytes / ((floor + params.launch_us * len(lms)) * 1e3))
             kern = ", ".join(f"{lm.launch.kernel.split('<')[0]} {makespan_us(lm, params):.1f} us" for lm in lms)
             L.append(f"- **{op.op} {op.mode}** ({rng[0]:.0f}-{rng[2]:.0f}, central {rng[1]:.0f}, of {op.target:.0f} GB/s: "
                      f"{verdict(rng, op.target).strip('*')}; kernel makespans: {kern}): {reason}")

@@ -7,9 +7,9 @@
 // results are rounded once to their storage dtype. VEC = kVec16<T> elements per pack, so a branch
 // pack is VEC * sizeof(L) bytes (8 for bf16 with fp32 T: still one vector instruction).
 //
-// Two implementations of each: a specialised one (the "tier" kernels, RowTiers below: 16-byte
-// packs, D in the DiT range, not fp64), which the host code takes whenever it can, and the generic
-// one for any D, alignment and dtype.
+// Two implementations of each: a specialised one (the "tier" kernels, RowTiers below: 16-byte packs, D in the DiT
+// range, not fp64), taken whenever the views' alignment allows, and the generic one for any D, alignment, dtype.
+// Their backward column sums (dshift, dscale, dgate) are added in different orders: close, not bitwise equal.
 //
 // Forward (mln_forward_tier_kernel, mln_forward_kernel):  one warp per row r = (n, t) of D elements.
 //   [RESIDUAL] v = x + gate[n] * y, rounded to T and stored as x_new (the residual stream; the
@@ -23,7 +23,7 @@
 //
 // Backward, tier (mln_backward_tier_kernel): one pass, see the comment at the kernel: warp per row,
 //   per-warp column sums in shared memory, persistent CTAs over (sample, 64-row) items, one fp32
-//   partial per item; deterministic on any GPU.
+//   partial per item; bitwise deterministic on any GPU (the items depend on the shape only).
 // Backward, generic (mln_backward_kernel): one CTA per (sample n, tile of tokens), 8 warps, processing its tile
 //   in sub-tiles of 8 rows:  (1) one warp per row computes mean(g), mean(g * xhat) with
 //   g = dh * (1 + scale[n]);  (2) threads own column packs and walk the 8 rows (re-read from L1/L2):
@@ -32,7 +32,7 @@
 //   and accumulate the per-sample column sums  sum dh, sum dh * xhat, sum dxn_total * y  in shared
 //   memory (each column has one owning thread). A CTA writes its fp32 partial sums to a workspace
 //   (N, tiles, nq, D); mln_column_finalize_kernel adds the tiles in a fixed order. No atomics:
-//   bit-wise deterministic for a given shape and device.
+//   bitwise deterministic for a given shape and SM count (the tile count follows the SM count).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -616,10 +616,11 @@ constexpr int kBwdItemRows = 64;  // rows of one sample per work item; fixed, so
                                   // (and the result bits) depend on the shape only, not on the GPU
 
 // Registers (32-bit words) a tier backward keeps live per thread: the row's raw packs, PPL x VEC
-// wide, plus ~48 for the row's statistics, the modulation and the partial sums of a pack.
+// wide, plus ~40 for the row's statistics, the modulation and the partial sums of a pack (with 48
+// the bf16 gated-residual backward was bounded at 1 CTA per SM; it compiles to 128 registers: 2).
 template <typename T, typename L, int VEC, int PPL, int KIND>
 constexpr int kBwdTierWords =
-    48 + PPL * VEC *
+    40 + PPL * VEC *
              ((KIND != kBwdGr ? static_cast<int>(sizeof(L) + sizeof(T)) : 0) +
               (KIND != kBwdLn ? static_cast<int>(sizeof(T) + sizeof(L)) : 0)) / 4;
 

@@ -119,7 +119,10 @@ __global__ void __launch_bounds__(kPatchThreads)
 //     (16-way conflicts in the output-layout gather, 4-way for the conv layout's 16-byte reads). The
 //     conv layout pads one run modulo 128 bytes (conflict-free); the output layout pads 8 bytes
 //     (the 2-byte element gathers of a warp fall on 16+ banks: at most 2-way).
-constexpr int kPatchBatch = 4;  // 16-byte vectors per thread loaded before they are stored
+// 16-byte vectors per thread loaded before they are stored; 2 from the image (the padded
+// shared-memory row address costs registers: 4 would spill at the 32 registers of 8 CTAs per SM).
+template <bool TO_TOKENS>
+constexpr int kPatchBatch = TO_TOKENS ? 2 : 4;
 
 struct PatchRows {
   int64_t rows;    // token rows N * h
@@ -159,10 +162,10 @@ __global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
 
   // (1) source side -> shared memory
   const int src_vecs = nr * (TO_TOKENS ? img_row : tok_row) / VEC;
-  for (int u0 = threadIdx.x; u0 < src_vecs; u0 += blockDim.x * kPatchBatch) {
-    W16 v[kPatchBatch];
+  for (int u0 = threadIdx.x; u0 < src_vecs; u0 += blockDim.x * kPatchBatch<TO_TOKENS>) {
+    W16 v[kPatchBatch<TO_TOKENS>];
 #pragma unroll
-    for (int k = 0; k < kPatchBatch; ++k) {
+    for (int k = 0; k < kPatchBatch<TO_TOKENS>; ++k) {
       const int u = u0 + k * blockDim.x;
       if (u < src_vecs) {
         const int e = u * VEC;
@@ -172,7 +175,7 @@ __global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
       }
     }
 #pragma unroll
-    for (int k = 0; k < kPatchBatch; ++k) {
+    for (int k = 0; k < kPatchBatch<TO_TOKENS>; ++k) {
       const int u = u0 + k * blockDim.x;
       if (u < src_vecs) {
         const int e = u * VEC;
