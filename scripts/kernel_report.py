@@ -66,7 +66,7 @@ SHFL_CYCLES = 30              # one dependent warp shuffle (latency), fixed
 BARRIER_CYCLES = 40           # one __syncthreads when all warps arrive together, fixed
 # Fitted on the 2026-11-30 measurements (see STATIC.md "Fit"; refit with --fit). An L2 round trip
 # is bounded below the DRAM one (FIT_GRID): an L2 hit cannot take as long as a DRAM access.
-L2_TRIP_US = 0.60
+L2_TRIP_US = 0.30
 ISSUE_CYCLES = 1.375          # issue cycles per SASS instruction per warp sharing a scheduler
 LAUNCH_US = 7.0               # per kernel: launch, ramp-up, tail and drain between dependent kernels
 # Benchmark shapes (benchmarks/bench_ops.py on CUDA)
@@ -291,8 +291,14 @@ def cta_time_us(path, p):
     return sum(mult * body_time_us(terms, p) for mult, terms in path)
 
 
+_LAUNCH_TIMES = {}   # (launch model, parameters) -> us: the fits revisit the same grid points
+
+
 def launch_time_us(lm, p):
-    return max(makespan_us(lm, p), lm.launch.bytes / (p.cap_gbps * 1e3)) + p.launch_us
+    key = (id(lm), p)
+    if key not in _LAUNCH_TIMES:
+        _LAUNCH_TIMES[key] = (lm, max(makespan_us(lm, p), lm.launch.bytes / (p.cap_gbps * 1e3)) + p.launch_us)
+    return _LAUNCH_TIMES[key][1]
 
 
 def instr_per_element(lm):

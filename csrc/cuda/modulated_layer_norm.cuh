@@ -616,8 +616,8 @@ constexpr int kBwdItemRows = 64;  // rows of one sample per work item; fixed, so
                                   // (and the result bits) depend on the shape only, not on the GPU
 
 // Registers (32-bit words) a tier backward keeps live per thread: the row's raw packs, PPL x VEC
-// wide, plus ~40 for the row's statistics, the modulation and the partial sums of a pack (with 48
-// the bf16 gated-residual backward was bounded at 1 CTA per SM; it compiles to 128 registers: 2).
+// wide, plus ~40 for the row's statistics, the modulation and the partial sums of a pack (the bf16
+// gated-residual backward compiles to 138 registers: 1 CTA per SM; 2 need <= 128, not forced here).
 template <typename T, typename L, int VEC, int PPL, int KIND>
 constexpr int kBwdTierWords =
     40 + PPL * VEC *

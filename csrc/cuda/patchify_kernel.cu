@@ -133,9 +133,10 @@ struct PatchRows {
 };
 
 // RUNS: p % VEC == 0 (a 16-byte vector never leaves one run of a patch row). Resident CTAs: 8 (32
-// registers), 6 for the output-layout gather into the image (40 registers).
+// registers) from the image, 6 into the image (40 registers: the padded token-stride addressing
+// spilled 8-16 B of the 64-bit-word instantiations at 32).
 template <typename E, bool TO_TOKENS, bool CONV, bool RUNS>
-__global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
+__global__ void __launch_bounds__(kPatchThreads, TO_TOKENS ? 8 : 6)
     patch_rows_kernel(const E* __restrict__ src, E* __restrict__ dst, PatchRows g) {
   using W16 = uint4;
   constexpr int VEC = 16 / static_cast<int>(sizeof(E));
