@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_facts import (DTYPE_BYTES, GLOBAL_LOADS, REPO, KernelFacts, SourceCache,  # noqa: E402,F401
-                          access_bits, body_stats, extract_tree, facts_for, guarded_skips, hard_failures,
+                          VECTORISED, access_bits, body_stats, extract_tree, facts_for, guarded_skips, hard_failures,
                           region_instrs)
 
 
