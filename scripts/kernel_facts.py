@@ -827,7 +827,7 @@ class Declarations:
                 j = m.end()
                 if text.startswith("(", j):              # __launch_bounds__(...)
                     j = _balanced(text, j, "(", ")")
-                n = re.match(r"\s*(?:void\s+)?(\w+)\s*\(", text[j:])
+                n = re.match(r"\s*(?:void\s+)?(?:[A-Z_][A-Z0-9_]*\s+)*(\w+)\s*\(", text[j:])   # macros: bounds
                 if not n:
                     continue
                 start = j + n.end() - 1
