@@ -1,8 +1,8 @@
 """End-to-end benchmarks: training-step throughput and SiT sampling speed.
 
 Training step = forward + loss + backward + AdamW + EMA (multi-tensor), batch 64 of 256-px latents
-(4 x 32 x 32) on CUDA; DiT-XL/2 under fp32+TF32, bf16 autocast, bf16 + fused kernels and
-bf16 + fused + torch.compile; MaskDiT-XL/2 at mask 0.5 and 0; SD-DiT-XL/2. Reports images/s and
+(4 x 32 x 32) on CUDA; DiT-XL/2 under fp32+TF32, bf16 autocast, bf16 + torch.compile, bf16 + fused
+kernels and bf16 + fused + torch.compile; MaskDiT-XL/2 at mask 0.5 and 0; SD-DiT-XL/2. Reports images/s and
 peak memory (GiB).
 
 Sampling = SiT-XL/2 SDE (Euler-Maruyama, sigma form), CFG 4.0, bf16: seconds per image at batch 1
@@ -79,6 +79,7 @@ TRAIN_CASES = {
     # name: (method, model kwargs, precision, fused, compile, mask_ratio)
     "DiT fp32+tf32": ("ddpm", DIT_KW, "tf32", False, False, None),
     "DiT bf16": ("ddpm", DIT_KW, "bf16", False, False, None),
+    "DiT bf16+compile": ("ddpm", DIT_KW, "bf16", False, True, None),
     "DiT bf16+fused": ("ddpm", DIT_KW, "bf16", True, False, None),
     "DiT bf16+fused+compile": ("ddpm", DIT_KW, "bf16", True, True, None),
     "MaskDiT mask0.5 bf16+fused": ("maskdit", MASKDIT_KW, "bf16", True, False, 0.5),

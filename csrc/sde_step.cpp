@@ -1,5 +1,5 @@
-// Schema of the table-driven Euler-Maruyama step (kernels.md §2.5, "scalars as device
-// tensors"): the per-step scalars come from a device table indexed by a device step counter,
+// Schema of the table-driven Euler-Maruyama step (the scalars as device
+// tensors): the per-step scalars come from a device table indexed by a device step counter,
 // so a whole sampling loop can be captured once in a CUDA graph. The scalar-argument op
 // sde_euler_maruyama_step is declared in csrc/ops.cpp; both are implemented in
 // csrc/cpu/sde_step_kernel.cpp and csrc/cuda/sde_step_kernel.cu.

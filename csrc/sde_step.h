@@ -1,5 +1,5 @@
 // Host-side input checks shared by the CPU and CUDA kernels of sde_euler_maruyama_step and
-// sde_euler_maruyama_step_table (kernels.md §2.5). Header-only so both translation units
+// sde_euler_maruyama_step_table. Header-only so both translation units
 // (g++ and nvcc) see one definition.
 #pragma once
 #include <optional>

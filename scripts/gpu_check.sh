@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check for the device tool, one call: build for sm_90 with all cores, check the CUDA kernels
-# against the CPU kernels, benchmark the ops, run the CUDA tests, benchmark the models.
+# GPU check for the device tool, one call: build for sm_90 with all cores, the DiT-XL/2 training
+# step on the plain / plain + compile / fused / fused + compile paths, the op benchmarks, the CUDA
+# kernels against the CPU kernels, the CUDA tests, then the other model cases.
 #
 #   bash scripts/gpu_check.sh                    # every stage, inside BUDGET_S seconds (default 560)
 #   STAGES="build ops" bash scripts/gpu_check.sh # a subset
@@ -45,7 +46,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 echo "$(nproc) cores"
 
 if has build; then
-  stage build 300 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) FORCE_CUDA=1 $PY setup.py build_ext --inplace \
+  stage build 240 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) FORCE_CUDA=1 $PY setup.py build_ext --inplace \
     || { tail -30 "$OUT/build.log"; echo "retrying without the wheel's CUDA headers on CPATH";
          stage build-retry 240 "$OUT/build.log" env DIT_WHEEL_CUDA_HEADERS=0 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) FORCE_CUDA=1 \
            $PY setup.py build_ext --inplace; } \
@@ -53,44 +54,52 @@ if has build; then
 fi
 $PY -m dit_kernels.info
 
-if has check; then  # CUDA vs CPU kernels on awkward shapes, determinism, graph capture
-  stage check 120 "$OUT/check.log" $PY scripts/check_foundation_cuda.py --no-bench
-  tail -5 "$OUT/check.log"
+# The DiT-XL/2 training step on the four paths side by side: plain (bf16), plain + torch.compile,
+# fused, fused + torch.compile. First after the build, compiled cases included: they are the
+# figures RESULTS.md needs, and each compile is ~1-2 minutes.
+CORE_MODEL='DiT and bf16 and not MaskDiT and not SD-DiT'
+if has model; then
+  export DIT_BENCH_JSONL=$OUT/model.jsonl
+  stage "model: DiT plain / +compile / fused / fused+compile" 240 "$OUT/model.log" \
+    $PY -m pytest benchmarks/bench_model.py --benchmark-only -q -s -p no:cacheprovider \
+    -k "test_train_step and ($CORE_MODEL)${MODEL_K:+ and ($MODEL_K)}"
+  grep -E "images/s|Error|error" "$OUT/model.log" | tail -10
 fi
 
-if has ops; then  # kernel and eager reference first; the compiled reference (compile time) after
+if has ops; then  # kernel and eager reference; the compiled reference (compile time) at the end
   export DIT_BENCH_JSONL=$OUT/ops.jsonl
-  stage "ops: kernel + ref" 150 "$OUT/ops.log" $PY -m pytest benchmarks/bench_ops.py --benchmark-only -q -p no:cacheprovider \
+  stage "ops: kernel + ref" 100 "$OUT/ops.log" $PY -m pytest benchmarks/bench_ops.py --benchmark-only -q -p no:cacheprovider \
     -k "not ref_compiled${OPS_K:+ and ($OPS_K)}"
   tail -2 "$OUT/ops.log"
 fi
 
+if has check; then  # CUDA vs CPU kernels on awkward shapes, determinism, graph capture
+  stage check 60 "$OUT/check.log" $PY scripts/check_foundation_cuda.py --no-bench
+  tail -5 "$OUT/check.log"
+fi
+
 if has tests; then  # the test files with CUDA cases (the CPU cases in them too), emulator excluded
   XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-  stage tests 150 "$OUT/tests.log" $PY -m pytest -q -p no:cacheprovider -rfE $XDIST \
+  stage tests 90 "$OUT/tests.log" $PY -m pytest -q -p no:cacheprovider -rfE $XDIST \
     tests/test_modulated_layer_norm.py tests/test_gated_residual.py tests/test_branch_dtype.py tests/test_patchify.py \
     tests/test_tokens.py tests/test_sde_step.py tests/test_samplers.py tests/test_models.py tests/test_maskdit.py tests/test_ext_build.py
   tail -15 "$OUT/tests.log"
 fi
 
-if has model; then  # eager training steps and samplers first; torch.compile cases last
+# What is left of the budget: the other model cases (samplers, MaskDiT, SD-DiT), then the compiled
+# reference of the op benchmarks.
+if has model; then
   export DIT_BENCH_JSONL=$OUT/model.jsonl
-  stage "model: eager" 200 "$OUT/model.log" $PY -m pytest benchmarks/bench_model.py --benchmark-only -q -s -p no:cacheprovider \
-    -k "not compile${MODEL_K:+ and ($MODEL_K)}"
+  stage "model: the rest" 200 "$OUT/model.log" $PY -m pytest benchmarks/bench_model.py --benchmark-only -q -s -p no:cacheprovider \
+    -k "not (test_train_step and ($CORE_MODEL))${MODEL_K:+ and ($MODEL_K)}"
   grep -E "images/s|Error|error" "$OUT/model.log" | tail -30
 fi
 
 if has ops; then
   export DIT_BENCH_JSONL=$OUT/ops.jsonl
-  stage "ops: ref_compiled" 200 "$OUT/ops.log" $PY -m pytest benchmarks/bench_ops.py --benchmark-only -q -p no:cacheprovider \
+  stage "ops: ref_compiled" 150 "$OUT/ops.log" $PY -m pytest benchmarks/bench_ops.py --benchmark-only -q -p no:cacheprovider \
     -k "ref_compiled${OPS_K:+ and ($OPS_K)}"
   tail -2 "$OUT/ops.log"
-fi
-
-if has model; then
-  export DIT_BENCH_JSONL=$OUT/model.jsonl
-  stage "model: compiled" 300 "$OUT/model.log" $PY -m pytest benchmarks/bench_model.py --benchmark-only -q -s -p no:cacheprovider \
-    -k "compile${MODEL_K:+ and ($MODEL_K)}"
 fi
 
 for f in "$OUT/ops.jsonl" "$OUT/model.jsonl"; do

@@ -169,6 +169,36 @@ def test_backward_shared_memory_opt_in(dtype, d):
                      x_new, y, gate, scale, mean, rstd, grad=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_backward_paths_are_each_deterministic(dtype):
+    """Two backward implementations, chosen by the views' alignment: the specialised (tier) kernel
+    when every tensor allows 16-byte packs, the generic one otherwise (here: a grad view one element
+    past its allocation). They add the per-sample column sums in different orders (tier: per warp,
+    the 8 warps, then 64-row items; generic: per column-owning thread over 8-row sub-tiles, then
+    token tiles whose count follows the SM count), so they agree within the gradient tolerance but
+    not bit for bit. Each is bitwise reproducible: under every thread schedule and on repeated
+    calls; the tier kernel also whatever the device's SM count (its persistent grid changes, its
+    partition into items does not), the generic one for a given SM count."""
+    x, y, gate, shift, scale = _residual_inputs((dtype, dtype), (2, 70, 1152, 0), 5, 3)
+    x_new, h, mean, rstd = run_emulated("gated_residual_modulated_layer_norm", x, y, gate, shift, scale, 1e-6)
+    g_x, g_h = torch.randn_like(x_new), torch.randn_like(h)
+    bwd = getattr(torch.ops.dit_emu, "_gated_residual_modulated_layer_norm_backward")
+    args = (g_h, x_new, y, gate, scale, mean, rstd)
+    tier = run_emulated("_gated_residual_modulated_layer_norm_backward", g_x, *args)
+    generic = run_emulated("_gated_residual_modulated_layer_norm_backward", _offset(g_x, 1), *args)
+    for i, (a, b) in enumerate(zip(generic, _tensors(bwd(_offset(g_x, 1), *args)))):
+        assert torch.equal(a, b), f"generic backward output {i} differs between two calls"
+    for sms in (1, 3, 7):
+        torch.ops.dit_emu._emu_configure(0, 0, sms)
+        got = _tensors(bwd(g_x, *args))
+        for i, (a, b) in enumerate(zip(tier, got)):
+            assert torch.equal(a, b), f"tier backward output {i} changed with {sms} SMs"
+    torch.ops.dit_emu._emu_configure(0, 0, 2)
+    for i, (a, b) in enumerate(zip(tier, generic)):
+        atol, rtol = TOLERANCES[a.dtype][2:]
+        assert_close(a, b, atol, rtol, name=f"tier vs generic backward, output {i}")
+
+
 # ---- patchify / unpatchify ----------------------------------------------------------------------
 
 # The token-row transpose (16-byte vectors) takes the first two (DiT latent- and pixel-like) and the

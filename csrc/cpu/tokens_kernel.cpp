@@ -1,4 +1,4 @@
-// CPU kernels for the masked-token ops (MaskDiT / SD-DiT), kernels.md §2.4.
+// CPU kernels for the masked-token ops (MaskDiT / SD-DiT): row gather / scatter along the token axis.
 //
 //   gather_tokens(x (N,T,D), ids (N,K))                  -> out[n,k] = x[n, ids[n,k]]          (N,K,D)
 //   _gather_tokens_backward(g (N,K,D), ids, T)           -> dx[n, ids[n,k]] = g[n,k], 0 elsewhere

@@ -8,11 +8,13 @@
 //   dit::block_reduce_sum(v, smem)  sum over a 1-D block (blockDim.x % 32 == 0, smem >= 32 elements);
 //                              every thread gets the result; deterministic; contains __syncthreads
 //   dit::ceil_div(a, b), dit::sm_count()
+//   dit::resident_blocks(kernel, threads, smem)  CTAs of a compiled kernel one SM holds (driver's count)
 //   DIT_CHECK_CUDA(t)          TORCH_CHECK that a tensor is on a CUDA device
 // Everything here is header-only (templates / inline), so several .cu files can include it.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
@@ -124,5 +126,16 @@ __host__ __device__ __forceinline__ constexpr A ceil_div(A a, B b) {
 
 // Multiprocessors of the current device (host only).
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// CTAs of `kernel` one SM of the current device holds at `threads` threads and `smem` bytes of
+// dynamic shared memory, as the driver computes it for the compiled kernel (its registers, its
+// static shared memory, this device's shared memory per SM); at least 1. The persistent grids are
+// sm_count() times this, so they follow the kernel ptxas produced and the card it runs on.
+template <typename K>
+inline int resident_blocks(K* kernel, int threads, size_t smem = 0) {
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  return blocks < 1 ? 1 : blocks;
+}
 
 }  // namespace dit

@@ -1,5 +1,5 @@
-// CUDA kernels for the adaLN-Zero gated residual and its fusion with the next modulated LayerNorm,
-// kernels.md §2.3.
+// CUDA kernels for the adaLN-Zero gated residual (x + gate[n] * y) and its fusion with the next
+// modulated LayerNorm.
 //
 // Formulas (gate, shift, scale per sample n, broadcast over the T tokens):
 //   gated_residual:  out = x + gate_n * y
@@ -157,11 +157,11 @@ void launch_gated_residual(const T* x, const L* y, const M* gate, int64_t gate_s
   const unsigned threads = dit::kFwdWarps * dit::kWarpSize;
   if (vec && dit::with_row_tier<V>(dim / V, [&](auto ppl) {
         constexpr int P = decltype(ppl)::value;
-        constexpr int per_sm = dit::min_blocks_for(dit::kFwdWarps * dit::kWarpSize, kGrTierWords<T, M, L, V, P>);
-        const int64_t blocks =
-            std::min<int64_t>(dit::ceil_div(rows, dit::kFwdWarps), static_cast<int64_t>(dit::sm_count()) * per_sm);
-        gated_residual_tier_kernel<T, M, L, V, P>
-            <<<static_cast<unsigned>(blocks), threads, 0, stream>>>(x, y, gate, gate_stride, out, rows, tokens, dim);
+        auto kernel = gated_residual_tier_kernel<T, M, L, V, P>;
+        const int64_t blocks = std::min<int64_t>(dit::ceil_div(rows, dit::kFwdWarps),
+                                                 static_cast<int64_t>(dit::sm_count()) *
+                                                     dit::resident_blocks(kernel, static_cast<int>(threads)));
+        kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(x, y, gate, gate_stride, out, rows, tokens, dim);
       })) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;

@@ -7,9 +7,9 @@
 // results are rounded once to their storage dtype. VEC = kVec16<T> elements per pack, so a branch
 // pack is VEC * sizeof(L) bytes (8 for bf16 with fp32 T: still one vector instruction).
 //
-// Two implementations of each: a specialised one (the "tier" kernels, RowTiers below: 16-byte
-// packs, D in the DiT range, not fp64), which the host code takes whenever it can, and the generic
-// one for any D, alignment and dtype.
+// Two implementations of each: a specialised one (the "tier" kernels, RowTiers below: 16-byte packs, D in the DiT
+// range, not fp64), taken whenever the views' alignment allows, and the generic one for any D, alignment, dtype.
+// Their backward column sums (dshift, dscale, dgate) are added in different orders: close, not bitwise equal.
 //
 // Forward (mln_forward_tier_kernel, mln_forward_kernel):  one warp per row r = (n, t) of D elements.
 //   [RESIDUAL] v = x + gate[n] * y, rounded to T and stored as x_new (the residual stream; the
@@ -23,7 +23,7 @@
 //
 // Backward, tier (mln_backward_tier_kernel): one pass, see the comment at the kernel: warp per row,
 //   per-warp column sums in shared memory, persistent CTAs over (sample, 64-row) items, one fp32
-//   partial per item; deterministic on any GPU.
+//   partial per item; bitwise deterministic on any GPU (the items depend on the shape only).
 // Backward, generic (mln_backward_kernel): one CTA per (sample n, tile of tokens), 8 warps, processing its tile
 //   in sub-tiles of 8 rows:  (1) one warp per row computes mean(g), mean(g * xhat) with
 //   g = dh * (1 + scale[n]);  (2) threads own column packs and walk the 8 rows (re-read from L1/L2):
@@ -32,7 +32,7 @@
 //   and accumulate the per-sample column sums  sum dh, sum dh * xhat, sum dxn_total * y  in shared
 //   memory (each column has one owning thread). A CTA writes its fp32 partial sums to a workspace
 //   (N, tiles, nq, D); mln_column_finalize_kernel adds the tiles in a fixed order. No atomics:
-//   bit-wise deterministic for a given shape and device.
+//   bitwise deterministic for a given shape and SM count (the tile count follows the SM count).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -280,10 +280,15 @@ constexpr int kFwdTierWords =
                  (RESIDUAL ? static_cast<int>(sizeof(L) + sizeof(M)) : 0)) / 4 +
     PPL * VEC * static_cast<int>(sizeof(acc_t<T>)) / 4;
 
-// Forward specialised on PPL packs per lane (see RowTiers): one warp per row, grid-stride over the
-// rows. Per row: (1) every load (x, y, gate, shift, scale packs) is issued, (2) v = x (+ gate * y,
-// rounded to T and stored as x_new), two-pass statistics from registers, (3) out stored. One
-// memory round trip per row; stores never sit between loads of the same row.
+// Forward specialised on PPL packs per lane (see RowTiers): one warp per row. CTA b takes the
+// contiguous rows [b * rows / grid, (b + 1) * rows / grid) (one sample, or the end of one and the
+// start of the next), its warps rows first + warp, + 4, ...; the sample's shift / scale (/ gate)
+// packs are loaded when the sample changes and stay in registers for its rows. Per row: (1) every
+// load (x, y packs) is issued, unconditionally: lanes past D re-read the row's last pack (same
+// sector as their neighbour's, unused), so the last pack's loads travel with the others instead of
+// waiting behind a guard; (2) v = x (+ gate * y, rounded to T and stored as x_new), two-pass
+// statistics from registers, (3) out stored. One memory round trip per row; stores never sit
+// between loads of the same row.
 template <typename T, typename M, typename L, int VEC, int PPL, bool RESIDUAL>
 __global__ void __launch_bounds__(kFwdWarps* kWarpSize,
                                   min_blocks_for(kFwdWarps* kWarpSize,
@@ -302,32 +307,38 @@ __global__ void __launch_bounds__(kFwdWarps* kWarpSize,
   const int nvec = a.dim / VEC;
   const acc inv_dim = acc(1) / static_cast<acc>(a.dim);
   const acc eps = static_cast<acc>(a.eps);
+  // The column offset of pack i of this lane; lanes past D take the row's last pack.
+  auto pack_col = [&](int i) -> int64_t {
+    const int v = i * kWarpSize + lane;
+    return static_cast<int64_t>(i < kFull || v < nvec ? v : nvec - 1) * VEC;
+  };
 
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kFwdWarps + threadIdx.x / kWarpSize; row < a.rows;
-       row += static_cast<int64_t>(gridDim.x) * kFwdWarps) {
-    const int64_t n = row / a.tokens;
+  const int64_t row_end = (static_cast<int64_t>(blockIdx.x) + 1) * a.rows / gridDim.x;
+  int64_t row = static_cast<int64_t>(blockIdx.x) * a.rows / gridDim.x + threadIdx.x / kWarpSize;
+  int64_t n = -1, t = a.tokens;  // sample of the row and its token index (n = -1: none loaded yet)
+  PM gp[PPL], sp[PPL], cp[PPL];  // the sample's modulation packs
+  for (; row < row_end; row += kFwdWarps, t += kFwdWarps) {
+    if (t >= a.tokens) {  // a new sample: once per sample a warp's rows touch
+      n = row / a.tokens;
+      t = row - n * a.tokens;
+#pragma unroll
+      for (int i = 0; i < PPL; ++i) {
+        const int64_t c = pack_col(i);
+        if constexpr (RESIDUAL) gp[i] = load_pack<M, VEC>(a.gate + n * a.gate_stride + c);
+        sp[i] = load_pack<M, VEC>(a.shift + n * a.shift_stride + c);
+        cp[i] = load_pack<M, VEC>(a.scale + n * a.scale_stride + c);
+      }
+    }
     const int64_t base = row * a.dim;
-    const M* __restrict__ gate_n = RESIDUAL ? a.gate + n * a.gate_stride : nullptr;
-    const M* __restrict__ shift_n = a.shift + n * a.shift_stride;
-    const M* __restrict__ scale_n = a.scale + n * a.scale_stride;
 
     // (1) all loads of the row
     PT xp[PPL];
     PL yp[PPL];
-    PM gp[PPL], sp[PPL], cp[PPL];
 #pragma unroll
     for (int i = 0; i < PPL; ++i) {
-      const int v = i * kWarpSize + lane;
-      if (i < kFull || v < nvec) {
-        const int64_t c = static_cast<int64_t>(v) * VEC;
-        xp[i] = load_pack<T, VEC>(x + base + c);
-        if constexpr (RESIDUAL) {
-          yp[i] = load_pack<L, VEC>(y + base + c);
-          gp[i] = load_pack<M, VEC>(gate_n + c);
-        }
-        sp[i] = load_pack<M, VEC>(shift_n + c);
-        cp[i] = load_pack<M, VEC>(scale_n + c);
-      }
+      const int64_t c = pack_col(i);
+      xp[i] = load_pack<T, VEC>(x + base + c);
+      if constexpr (RESIDUAL) yp[i] = load_pack<L, VEC>(y + base + c);
     }
 
     // (2) the LN input and its statistics, from registers
@@ -340,11 +351,11 @@ __global__ void __launch_bounds__(kFwdWarps* kWarpSize,
         PT stored;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          T t = xp[i][e];
+          T u = xp[i][e];
           if constexpr (RESIDUAL)
-            t = static_cast<T>(static_cast<acc>(t) + static_cast<acc>(gp[i][e]) * static_cast<acc>(yp[i][e]));
-          stored[e] = t;
-          vr[i][e] = static_cast<acc>(t);
+            u = static_cast<T>(static_cast<acc>(u) + static_cast<acc>(gp[i][e]) * static_cast<acc>(yp[i][e]));
+          stored[e] = u;
+          vr[i][e] = static_cast<acc>(u);
           sum += vr[i][e];
         }
         if constexpr (RESIDUAL) store_pack<T, VEC>(x_new + base + static_cast<int64_t>(v) * VEC, stored);
@@ -402,11 +413,11 @@ void launch_mln_forward(const FwdArgs<T, M, L>& a) {
   // Specialised tier: a grid of resident CTAs (the launch bounds' minimum per SM), grid-stride rows.
   if (vec && with_row_tier<V>(a.dim / V, [&](auto ppl) {
         constexpr int P = decltype(ppl)::value;
-        constexpr int per_sm = min_blocks_for(kFwdWarps * kWarpSize, kFwdTierWords<T, M, L, V, P, RESIDUAL>);
-        const int64_t blocks =
-            std::min<int64_t>(ceil_div(a.rows, kFwdWarps), static_cast<int64_t>(sm_count()) * per_sm);
-        mln_forward_tier_kernel<T, M, L, V, P, RESIDUAL>
-            <<<static_cast<unsigned>(blocks), kFwdWarps * kWarpSize, 0, stream>>>(a);
+        auto kernel = mln_forward_tier_kernel<T, M, L, V, P, RESIDUAL>;
+        const int64_t blocks = std::min<int64_t>(
+            ceil_div(a.rows, kFwdWarps),
+            static_cast<int64_t>(sm_count()) * resident_blocks(kernel, kFwdWarps * kWarpSize));
+        kernel<<<static_cast<unsigned>(blocks), kFwdWarps * kWarpSize, 0, stream>>>(a);
       })) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -605,10 +616,11 @@ constexpr int kBwdItemRows = 64;  // rows of one sample per work item; fixed, so
                                   // (and the result bits) depend on the shape only, not on the GPU
 
 // Registers (32-bit words) a tier backward keeps live per thread: the row's raw packs, PPL x VEC
-// wide, plus ~48 for the row's statistics, the modulation and the partial sums of a pack.
+// wide, plus ~40 for the row's statistics, the modulation and the partial sums of a pack (the bf16
+// gated-residual backward compiles to 138 registers: 1 CTA per SM; 2 need <= 128, not forced here).
 template <typename T, typename L, int VEC, int PPL, int KIND>
 constexpr int kBwdTierWords =
-    48 + PPL * VEC *
+    40 + PPL * VEC *
              ((KIND != kBwdGr ? static_cast<int>(sizeof(L) + sizeof(T)) : 0) +
               (KIND != kBwdLn ? static_cast<int>(sizeof(T) + sizeof(L)) : 0)) / 4;
 
@@ -668,26 +680,47 @@ __global__ void __launch_bounds__(kBwdRowWarps* kWarpSize,
     return *reinterpret_cast<PA*>(s_sums + (static_cast<int64_t>(q) * kBwdRowWarps + warp) * dim + v * VEC);
   };
 
+  // The sample's (1 + scale) and gate packs a thread stages into shared memory for an item: fetched
+  // into registers for the next item before the current item's column-sum reduction, so their
+  // latency overlaps that phase instead of opening the next one.
+  constexpr int kStage = (PPL * kWarpSize + kBwdRowWarps * kWarpSize - 1) / (kBwdRowWarps * kWarpSize);
+  PM sc_next[kStage], gt_next[kStage];
+  auto fetch = [&](int64_t it) {
+    const int64_t n = it / chunks;
+#pragma unroll
+    for (int k = 0; k < kStage; ++k) {
+      const int v = threadIdx.x + k * kBwdRowWarps * kWarpSize;
+      if (v < nvec) {
+        const int64_t c = static_cast<int64_t>(v) * VEC;
+        if constexpr (kDh) sc_next[k] = load_pack<M, VEC>(a.scale + n * a.scale_stride + c);
+        if constexpr (kRes) gt_next[k] = load_pack<M, VEC>(a.gate + n * a.gate_stride + c);
+      }
+    }
+  };
+  if (blockIdx.x < items) fetch(blockIdx.x);
+
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t n = item / chunks;
     const int64_t t_begin = (item % chunks) * kBwdItemRows;
     const int64_t t_end = t_begin + kBwdItemRows < a.tokens ? t_begin + kBwdItemRows : a.tokens;
     __syncthreads();  // the previous item is done with shared memory
-    for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-      const int64_t c = static_cast<int64_t>(v) * VEC;
-      if constexpr (kDh) {
-        const PM sc = load_pack<M, VEC>(a.scale + n * a.scale_stride + c);
-        PA s;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) s[e] = acc(1) + static_cast<acc>(sc[e]);
-        *reinterpret_cast<PA*>(s_scale1 + c) = s;
-      }
-      if constexpr (kRes) {
-        const PM gt = load_pack<M, VEC>(a.gate + n * a.gate_stride + c);
-        PA s;
+    for (int k = 0; k < kStage; ++k) {
+      const int v = threadIdx.x + k * kBwdRowWarps * kWarpSize;
+      if (v < nvec) {
+        const int64_t c = static_cast<int64_t>(v) * VEC;
+        if constexpr (kDh) {
+          PA s;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) s[e] = static_cast<acc>(gt[e]);
-        *reinterpret_cast<PA*>(s_gate + c) = s;
+          for (int e = 0; e < VEC; ++e) s[e] = acc(1) + static_cast<acc>(sc_next[k][e]);
+          *reinterpret_cast<PA*>(s_scale1 + c) = s;
+        }
+        if constexpr (kRes) {
+          PA s;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) s[e] = static_cast<acc>(gt_next[k][e]);
+          *reinterpret_cast<PA*>(s_gate + c) = s;
+        }
       }
     }
 #pragma unroll
@@ -817,6 +850,7 @@ __global__ void __launch_bounds__(kBwdRowWarps* kWarpSize,
       }
     }
 
+    if (item + gridDim.x < items) fetch(item + gridDim.x);
     // The item's column sums: the 8 warps' slices added in warp order, one fp32 partial per item.
     __syncthreads();
     acc* out = ws + item * kNq * dim;
@@ -913,10 +947,11 @@ bool launch_mln_backward_tier(BwdArgs<T, M, L> a, int64_t samples, std::array<M*
     if (smem > kDefaultSmem) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
-    // Persistent grid: the CTAs that fit on the GPU at once (launch bounds, shared memory).
-    constexpr int by_regs = min_blocks_for(kBwdRowWarps * kWarpSize, kBwdTierWords<T, L, V, P, KIND>);
-    const int by_smem = static_cast<int>(std::max<int64_t>(1, (228 * 1024) / (smem + 1024)));
-    const int64_t grid = std::min<int64_t>(samples * chunks, static_cast<int64_t>(sm_count()) * std::min(by_regs, by_smem));
+    // Persistent grid: the CTAs that fit on the GPU at once, as the driver computes them for the
+    // compiled kernel (its registers, this shared memory, the device's shared memory per SM).
+    const int64_t grid = std::min<int64_t>(
+        samples * chunks, static_cast<int64_t>(sm_count()) *
+                              resident_blocks(kernel, kBwdRowWarps * kWarpSize, static_cast<size_t>(smem)));
     auto stream = at::cuda::getCurrentCUDAStream();
     kernel<<<static_cast<unsigned>(grid), kBwdRowWarps * kWarpSize, static_cast<size_t>(smem), stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

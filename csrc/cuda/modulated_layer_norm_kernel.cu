@@ -1,4 +1,4 @@
-// CUDA kernels for modulated LayerNorm (non-affine LN + adaLN modulation), kernels.md §2.2.
+// CUDA kernels for modulated LayerNorm (non-affine LN + adaLN modulation).
 //
 // Formula, row r = (n, t), x_r in R^D:
 //   mu_r = mean_d x_rd,  var_r = mean_d (x_rd - mu_r)^2,  rstd_r = (var_r + eps)^-1/2,

@@ -1,4 +1,4 @@
-// CUDA kernels for patchify / unpatchify, kernels.md §2.1: exact permutations (bit-identical to the
+// CUDA kernels for patchify / unpatchify: exact permutations (bit-identical to the
 // PyTorch reshape/permute reference), so they move raw 2/4/8-byte words and never do arithmetic on values.
 //
 // Formulas (token tau = i*w + j, h = H/p, w = W/p, T = h*w):
@@ -102,25 +102,41 @@ __global__ void __launch_bounds__(kPatchThreads)
 // segments of p image rows (p*W contiguous elements each, at ((n*C_img + c)*H + i*p)*W); its token
 // side is one contiguous block of w*F elements (F = p*p*C_feat), and consecutive token rows are
 // consecutive blocks. A CTA takes R token rows: (1) it copies the source side into shared memory
-// with 16-byte vectors, kPatchBatch per thread in flight before their shared-memory stores; (2) it
-// writes the destination side with 16-byte vectors, gathering each vector's elements from shared
-// memory through a per-feature offset table built once per CTA. Index arithmetic: once per vector
-// (the table holds the rest). Needs p*W, W and F to be multiples of VEC = 16 / sizeof(E), 16-byte
-// aligned tensors and R rows of source side in shared memory; the element kernels above do the rest.
-constexpr int kPatchBatch = 4;  // 16-byte vectors per thread loaded before they are stored
+// with 16-byte vector loads, kPatchBatch per thread in flight before their shared-memory stores;
+// (2) it writes the destination side with 16-byte vectors gathered from shared memory. The index
+// arithmetic is done once per vector (a few divisions), then carried element by element: no
+// per-feature table in shared memory. Needs p*W, W and F to be multiples of VEC = 16 / sizeof(E),
+// 16-byte aligned tensors and R rows of source side in shared memory; the element kernels above do
+// the rest.
+//
+// Shared-memory layout, padded against bank conflicts (PatchRows::stride, set by launch_rows):
+//   image side (TO_TOKENS): image rows of W elements at a stride of W + pad, the pad making the
+//     stride one run (p elements) longer modulo 128 bytes, so the runs a quarter-warp reads from
+//     consecutive patch rows tile the 32 banks (unpadded, W = 256 bf16 rows are 512 bytes apart:
+//     4-way conflicts);
+//   token side (unpatchify, patchify backward): tokens of F elements at a stride of F + pad; with
+//     F = 768 bf16 (p = 16, C = 3) unpadded tokens are 1536 bytes apart, i.e. all on the same bank
+//     (16-way conflicts in the output-layout gather, 4-way for the conv layout's 16-byte reads). The
+//     conv layout pads one run modulo 128 bytes (conflict-free); the output layout pads 8 bytes
+//     (the 2-byte element gathers of a warp fall on 16+ banks: at most 2-way).
+// 16-byte vectors per thread loaded before they are stored; 2 from the image (the padded
+// shared-memory row address costs registers: 4 would spill at the 32 registers of 8 CTAs per SM).
+template <bool TO_TOKENS>
+constexpr int kPatchBatch = TO_TOKENS ? 2 : 4;
 
 struct PatchRows {
   int64_t rows;    // token rows N * h
   int64_t h;       // token rows per sample
   int64_t w, p, c_img, c_feat, width;  // tokens per row, patch, image / token channels, image width W
   int64_t r_batch;  // token rows per CTA
+  int64_t stride;   // shared memory: elements between image rows (TO_TOKENS) or tokens (else)
 };
 
 // RUNS: p % VEC == 0 (a 16-byte vector never leaves one run of a patch row). Resident CTAs: 8 (32
-// registers; at the pixel shape 1024 CTAs of one token row fill 132 x 8 slots in one wave), 6 for the
-// output-layout gather into the image (40 registers; 32 spill).
+// registers) from the image, 6 into the image (40 registers: the padded token-stride addressing
+// spilled 8-16 B of the 64-bit-word instantiations at 32).
 template <typename E, bool TO_TOKENS, bool CONV, bool RUNS>
-__global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
+__global__ void __launch_bounds__(kPatchThreads, TO_TOKENS ? 8 : 6)
     patch_rows_kernel(const E* __restrict__ src, E* __restrict__ dst, PatchRows g) {
   using W16 = uint4;
   constexpr int VEC = 16 / static_cast<int>(sizeof(E));
@@ -128,7 +144,7 @@ __global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
   // Offsets inside one CTA's token rows fit in 32 bits (they index shared memory); global offsets
   // are formed in 64 bits.
   const int p = static_cast<int>(g.p), width = static_cast<int>(g.width), c_img = static_cast<int>(g.c_img),
-            c_feat = static_cast<int>(g.c_feat);
+            c_feat = static_cast<int>(g.c_feat), stride = static_cast<int>(g.stride);
   const int pp = p * p;
   const int F = pp * c_feat;         // features per token
   const int seg = p * width;         // elements of one channel segment (p image rows)
@@ -136,35 +152,21 @@ __global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
   const int tok_row = static_cast<int>(g.w) * F;  // token side of one token row
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * g.r_batch;
   const int nr = static_cast<int>(g.rows - r0 < g.r_batch ? g.rows - r0 : g.r_batch);
-  // table: TO_TOKENS: feature f -> offset (c*p + a)*W + b of its element in the image side (-1: c >= c_img)
-  //        else:      image element (c, a, b) -> its feature index
-  const int table_len = TO_TOKENS ? F : c_img * pp;
   const int segs = nr * c_img;  // image-side segments of this CTA
-  int* table = reinterpret_cast<int*>(smem_raw);
-  int64_t* seg_base = reinterpret_cast<int64_t*>(smem_raw + ((table_len * 4 + 15) / 16) * 16);
-  E* data = reinterpret_cast<E*>(reinterpret_cast<unsigned char*>(seg_base) + ((g.r_batch * c_img * 8 + 15) / 16) * 16);
+  int64_t* seg_base = reinterpret_cast<int64_t*>(smem_raw);
+  E* data = reinterpret_cast<E*>(smem_raw + ((g.r_batch * c_img * 8 + 15) / 16) * 16);
   for (int k = threadIdx.x; k < segs; k += blockDim.x) {  // global offset of image-side segment (rr, c)
     const int64_t r = r0 + k / c_img, n = r / g.h, i = r % g.h;
     seg_base[k] = ((n * c_img + k % c_img) * g.h * p + i * p) * width;
-  }
-  for (int k = threadIdx.x; k < table_len; k += blockDim.x) {
-    if (TO_TOKENS) {
-      const int c = CONV ? k / pp : k % c_feat;
-      const int ab = CONV ? k % pp : k / c_feat;
-      table[k] = c < c_img ? (c * p + ab / p) * width + ab % p : -1;
-    } else {
-      const int c = k / pp, a = (k / p) % p, b = k % p;
-      table[k] = CONV ? k : (a * p + b) * c_feat + c;
-    }
   }
   if (TO_TOKENS) __syncthreads();  // seg_base is read below
 
   // (1) source side -> shared memory
   const int src_vecs = nr * (TO_TOKENS ? img_row : tok_row) / VEC;
-  for (int u0 = threadIdx.x; u0 < src_vecs; u0 += blockDim.x * kPatchBatch) {
-    W16 v[kPatchBatch];
+  for (int u0 = threadIdx.x; u0 < src_vecs; u0 += blockDim.x * kPatchBatch<TO_TOKENS>) {
+    W16 v[kPatchBatch<TO_TOKENS>];
 #pragma unroll
-    for (int k = 0; k < kPatchBatch; ++k) {
+    for (int k = 0; k < kPatchBatch<TO_TOKENS>; ++k) {
       const int u = u0 + k * blockDim.x;
       if (u < src_vecs) {
         const int e = u * VEC;
@@ -174,9 +176,20 @@ __global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
       }
     }
 #pragma unroll
-    for (int k = 0; k < kPatchBatch; ++k) {
+    for (int k = 0; k < kPatchBatch<TO_TOKENS>; ++k) {
       const int u = u0 + k * blockDim.x;
-      if (u < src_vecs) *reinterpret_cast<W16*>(data + u * VEC) = v[k];
+      if (u < src_vecs) {
+        const int e = u * VEC;
+        // a vector stays inside one image row (W % VEC == 0) or one token (F % VEC == 0)
+        E* to = TO_TOKENS ? data + (e / width) * stride + e % width : data + (e / F) * stride + e % F;
+        if (TO_TOKENS || stride % VEC == 0) {
+          *reinterpret_cast<W16*>(to) = v[k];
+        } else {  // 8-byte padded tokens
+          const uint2* h = reinterpret_cast<const uint2*>(&v[k]);
+          reinterpret_cast<uint2*>(to)[0] = h[0];
+          reinterpret_cast<uint2*>(to)[1] = h[1];
+        }
+      }
     }
   }
   __syncthreads();
@@ -193,18 +206,41 @@ __global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
     // With RUNS a vector never leaves one run of a patch row (one token, one (c, a)): in the conv
     // layout its elements are contiguous on both sides (one 16-byte shared-memory read), in the
     // output layout they are C_feat apart in the token.
-    constexpr bool runs = RUNS;
     if (TO_TOKENS) {  // element e = (rr, j, f) of the token block; F % VEC == 0: one token per vector
       const int rr = e / tok_row, rem = e % tok_row;
       const int j = rem / F, f = rem % F;
-      const E* row = data + rr * img_row + j * p;
-      if constexpr (CONV && runs) {
-        out.word = *reinterpret_cast<const W16*>(row + table[f]);
+      int c, a, b;  // feature f = (c, a, b): conv (c * p + a) * p + b, output layout (a * p + b) * C_feat + c
+      if (CONV) {
+        c = f / pp;
+        a = (f / p) % p;
+        b = f % p;
+      } else {
+        c = f % c_feat;
+        a = f / c_feat / p;
+        b = (f / c_feat) % p;
+      }
+      const E* rows = data + rr * c_img * p * stride + j * p;  // this token row's image rows, column j * p
+      if constexpr (CONV && RUNS) {
+        out.word = *reinterpret_cast<const W16*>(rows + (c * p + a) * stride + b);
       } else {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const int t = table[f + k];
-          out.el[k] = t >= 0 ? row[t] : E(0);
+          out.el[k] = c < c_img ? rows[(c * p + a) * stride + b] : E(0);
+          if (CONV) {
+            if (++b == p) {
+              b = 0;
+              if (++a == p) {
+                a = 0;
+                ++c;
+              }
+            }
+          } else if (++c == c_feat) {
+            c = 0;
+            if (++b == p) {
+              b = 0;
+              ++a;
+            }
+          }
         }
       }
       off = r0 * tok_row + e;
@@ -213,10 +249,10 @@ __global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
       const int rr = s_idx / c_img, c = s_idx % c_img;
       const int a = q / width, x = q % width;
       int j = x / p, b = x % p;
-      const E* tok = data + rr * tok_row;
-      const int* tab = table + (c * p + a) * p;
-      if constexpr (runs) {
-        const E* first = tok + j * F + tab[b];
+      const E* tok = data + rr * static_cast<int>(g.w) * stride;  // token j of this token row: tok + j * stride
+      auto feat = [&](int bb) { return CONV ? (c * p + a) * p + bb : (a * p + bb) * c_feat + c; };
+      if constexpr (RUNS) {
+        const E* first = tok + j * stride + feat(b);
         if constexpr (CONV) {
           out.word = *reinterpret_cast<const W16*>(first);
         } else {
@@ -226,7 +262,7 @@ __global__ void __launch_bounds__(kPatchThreads, TO_TOKENS || CONV ? 8 : 6)
       } else {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          out.el[k] = tok[j * F + tab[b]];
+          out.el[k] = tok[j * stride + feat(b)];
           if (++b == p) {
             b = 0;
             ++j;
@@ -267,17 +303,34 @@ bool launch_rows(const void* src, void* dst, const PatchGeom& g) {
     return false;
   const int64_t h = g.height / g.p;
   const int64_t rows = g.n * h;
-  const int64_t row_bytes = (TO_TOKENS ? g.c_img : g.c_feat) * g.p * g.width * static_cast<int64_t>(sizeof(E));
-  const int64_t table_bytes = dit::ceil_div((TO_TOKENS ? F : g.c_img * g.p * g.p) * 4, int64_t(16)) * 16;
+  const int64_t esize = static_cast<int64_t>(sizeof(E));
+  const bool runs = g.p % VEC == 0;
+  // Padded shared-memory stride (see the layout note at patch_rows_kernel), in elements: image
+  // rows (TO_TOKENS) or tokens. `one_run_longer`: the pad that makes a stride of `len` elements one
+  // run of p elements longer modulo 128 bytes (none when a run covers the 32 banks by itself).
+  auto one_run_longer = [&](int64_t len) -> int64_t {
+    const int64_t run = g.p * esize;
+    return run >= 128 ? 0 : (((run - len * esize) % 128) + 128) % 128 / esize;
+  };
+  int64_t stride;
+  if (TO_TOKENS) {
+    stride = g.width + (runs ? one_run_longer(g.width) : 0);
+  } else {
+    stride = F + (CONV && runs ? one_run_longer(F) : std::max<int64_t>(1, 8 / esize));
+  }
+  const int64_t row_elems = TO_TOKENS ? g.c_img * g.p * stride : g.w * stride;  // one token row in shared memory
+  const int64_t row_bytes = row_elems * esize;
+  const int64_t seg_bytes = dit::ceil_div(16 * g.c_img, int64_t(16)) * 16;
   const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  if (table_bytes + 16 * g.c_img + row_bytes > optin) return false;
+  if (seg_bytes + row_bytes > optin) return false;
   // Token rows per CTA: up to ~32 KB of source side, while leaving >= 8 CTAs per SM of work.
   const int64_t r_batch = std::max<int64_t>(
       1, std::min<int64_t>((32 * 1024) / row_bytes, dit::ceil_div(rows, static_cast<int64_t>(dit::sm_count()) * 8)));
-  const int64_t smem = table_bytes + dit::ceil_div(r_batch * g.c_img * 8, int64_t(16)) * 16 + r_batch * row_bytes;
+  const int64_t smem = dit::ceil_div(r_batch * g.c_img * 8, int64_t(16)) * 16 + r_batch * row_bytes;
   // In-CTA offsets are 32-bit: the larger side of r_batch token rows must fit.
-  if (r_batch * std::max(g.c_img, g.c_feat) * g.p * g.width >= (int64_t(1) << 31)) return false;
-  const PatchRows rg{rows, h, g.w, g.p, g.c_img, g.c_feat, g.width, r_batch};
+  if (r_batch * std::max(g.c_img * g.p * stride, std::max(g.c_img, g.c_feat) * g.p * g.width) >= (int64_t(1) << 31))
+    return false;
+  const PatchRows rg{rows, h, g.w, g.p, g.c_img, g.c_feat, g.width, r_batch, stride};
   auto launch = [&](auto runs) {
     auto kernel = patch_rows_kernel<E, TO_TOKENS, CONV, decltype(runs)::value>;
     if (smem > 48 * 1024) {
@@ -286,7 +339,7 @@ bool launch_rows(const void* src, void* dst, const PatchGeom& g) {
     kernel<<<static_cast<unsigned>(dit::ceil_div(rows, r_batch)), kPatchThreads, static_cast<size_t>(smem),
              at::cuda::getCurrentCUDAStream()>>>(static_cast<const E*>(src), static_cast<E*>(dst), rg);
   };
-  if (g.p % VEC == 0) {
+  if (runs) {
     launch(std::true_type{});
   } else {
     launch(std::false_type{});

@@ -1,5 +1,5 @@
 // CUDA kernels for the fused Euler-Maruyama step with classifier-free guidance and in-kernel
-// Philox noise (kernels.md §2.5):
+// Philox noise:
 //   o      = out[b, c]                                   (no CFG, or c >= guided)
 //          = out[B+b, c] + w * (out[b, c] - out[B+b, c]) (CFG, c < guided)
 //   x_mean = coef_x * x + coef_out * o;   x_next = x_mean + noise_std * z

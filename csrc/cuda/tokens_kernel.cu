@@ -1,4 +1,4 @@
-// CUDA kernels for the masked-token ops (MaskDiT / SD-DiT), kernels.md §2.4. Semantics as in
+// CUDA kernels for the masked-token ops (MaskDiT / SD-DiT). Semantics as in
 // csrc/cpu/tokens_kernel.cpp.
 //
 // Bytes floor (derived; H200 target >= 3000 GB/s; bf16, N=256, T=256, K=128, D=1152, row = 2304 B):
@@ -20,6 +20,8 @@
 //   then write every output row exactly once: plain stores, no atomics, deterministic.
 // * Broadcast d_fill = sum over removed rows: each CTA reduces a fixed tile of 128 rows x 32 vectors in
 //   fp32 (fp64 for double) into a partials buffer, a second kernel sums the tiles in a fixed order.
+//   The tile CTA builds its rows' slice of the inverse map in shared memory from ids (no separate
+//   inverse-map launch): scatter fwd+bwd is 4 launches (inverse map + merge, partials + final sum).
 //   The partition depends only on (N, T, D), so results are bitwise reproducible on any GPU.
 //   The same pass copies the kept rows of grad to d_kept, so grad is read exactly once.
 // * Bad ids never cause a host sync: an id outside [0, T) trips CUDA_KERNEL_ASSERT (as torch.gather
@@ -210,17 +212,33 @@ __global__ void scatter_bwd_token_kernel(const T* __restrict__ grad, int64_t gN,
 // Broadcast fill backward, pass 1. CTA (blockIdx.x = row tile of kTileRows rows, blockIdx.y = column tile
 // of 32 vectors); warp w visits rows w, w + 8, ... of the tile in order; lane = vector column.
 // Kept rows are copied to dkept, removed rows accumulated; the 8 warp sums are added in warp order.
+// The tile's slice of the inverse map is built in shared memory from ids (the K ids of the one or
+// few samples the tile's rows belong to; L2 hits), so the backward needs no inverse-map launch.
 template <typename T, int V>
 __global__ void scatter_bwd_fill_partial_kernel(const T* __restrict__ grad, int64_t gN, int64_t gT,
-                                                const int32_t* __restrict__ inv, T* __restrict__ dkept,
+                                                const int64_t* __restrict__ ids, T* __restrict__ dkept,
                                                 acc_t<T>* __restrict__ partial, int64_t rows, int64_t Tlen,
                                                 int64_t K, int64_t Dv) {
   using acc = acc_t<T>;
   __shared__ acc smem[kTileWarps][kWarp * V];
+  __shared__ int32_t inv[kTileRows];  // slot of row r0 + i, -1: removed
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kWarp + lane;
   const bool col_ok = c < Dv;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t r_end = r0 + kTileRows < rows ? r0 + kTileRows : rows;
+  for (int i = threadIdx.x; i < kTileRows; i += blockDim.x) inv[i] = -1;
+  __syncthreads();
+  for (int64_t n = r0 / Tlen; n * Tlen < r_end; ++n) {
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t t = ids[n * K + k];
+      const bool ok = t >= 0 && t < Tlen;
+      CUDA_KERNEL_ASSERT_MSG(ok, "dit_kernels tokens: ids_keep value out of range [0, T)");
+      const int64_t r = n * Tlen + t;
+      if (ok && r >= r0 && r < r_end) inv[r - r0] = static_cast<int32_t>(k);
+    }
+  }
+  __syncthreads();
   acc sum[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) sum[e] = acc(0);
@@ -238,7 +256,7 @@ __global__ void scatter_bwd_fill_partial_kernel(const T* __restrict__ grad, int6
       rr[u] = r0 + warp + static_cast<int64_t>(s0 + u) * kTileWarps;
       const int32_t r = static_cast<int32_t>(rr[u] < rows ? rr[u] : rows - 1);
       const int32_t n = r / static_cast<int32_t>(Tlen), t = r - n * static_cast<int32_t>(Tlen);
-      slot[u] = rr[u] < rows ? inv[r] : -2;  // -2: row outside the tensor
+      slot[u] = rr[u] < rows ? inv[rr[u] - r0] : -2;  // -2: row outside the tensor
       v[u] = load_vec<T, V>(grad + n * gN + t * gT + (col_ok ? c : Dv - 1) * V);
     }
 #pragma unroll
@@ -439,13 +457,13 @@ std::tuple<at::Tensor, at::Tensor> scatter_tokens_backward_cuda(const at::Tensor
     return {dkept, dfill};
   }
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto inv = build_inverse_map(ids, N, T, stream);
   const int64_t rows = N * T;
   at::Tensor dfill;
   DIT_TOKENS_DISPATCH(grad.scalar_type(), fill_dtype, "scatter_tokens_backward_cuda", [&] {
     constexpr int V = vec_width<scalar_t>();
     const bool vec = vec_ok(grad, V);
     if (fill_per_token) {
+      const auto inv = build_inverse_map(ids, N, T, stream);
       dfill = at::empty({N, T, D}, opts.dtype(fill_dtype));
       auto launch = [&](auto vw) {
         constexpr int W = decltype(vw)::value;
@@ -463,6 +481,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_tokens_backward_cuda(const at::Tensor
     }
     using acc = acc_t<scalar_t>;
     TORCH_CHECK(rows < INT32_MAX, "scatter_tokens backward: N * T = ", rows, " rows exceed the 32-bit row index");
+    TORCH_CHECK(K <= INT32_MAX, "scatter_tokens backward: K = ", K, " must fit in int32");
     dfill = at::empty({D}, opts.dtype(fill_dtype));
     const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
     auto partial = at::empty({tiles, D}, opts.dtype(std::is_same_v<acc, double> ? at::kDouble : at::kFloat));
@@ -471,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_tokens_backward_cuda(const at::Tensor
       const int64_t Dv = D / W;
       const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>((Dv + kWarp - 1) / kWarp));
       scatter_bwd_fill_partial_kernel<scalar_t, W><<<grid, kTileWarps * kWarp, 0, stream>>>(
-          grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), inv.data_ptr<int32_t>(),
+          grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), ids.data_ptr<int64_t>(),
           dkept.data_ptr<scalar_t>(), partial.data_ptr<acc>(), rows, T, K, Dv);
     };
     if (vec) {

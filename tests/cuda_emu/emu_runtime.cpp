@@ -68,6 +68,8 @@ struct Runtime {
     props.multiProcessorCount = 2;  // small, so grid-stride loops iterate
     props.sharedMemPerBlock = kDefaultDynamicSmem;
     props.sharedMemPerBlockOptin = 227 * 1024;  // H100 / H200
+    props.sharedMemPerMultiprocessor = 228 * 1024;
+    props.reservedSharedMemPerBlock = 1024;
     props.maxThreadsPerBlock = 1024;
     props.maxThreadsPerMultiProcessor = 2048;
     props.warpSize = 32;

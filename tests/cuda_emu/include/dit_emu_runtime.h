@@ -59,6 +59,8 @@ struct cudaDeviceProp {
   int multiProcessorCount;
   size_t sharedMemPerBlock;
   size_t sharedMemPerBlockOptin;
+  size_t sharedMemPerMultiprocessor;
+  size_t reservedSharedMemPerBlock;
   int maxThreadsPerBlock;
   int maxThreadsPerMultiProcessor;
   int warpSize;
@@ -122,6 +124,23 @@ template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize)
     dit_emu::set_max_dynamic_smem(reinterpret_cast<void*>(kernel), value);
+  return cudaSuccess;
+}
+
+// Resident CTAs per SM: the emulator knows no registers, so shared memory alone limits it (at most 2,
+// so that persistent grids stay small and their loops iterate).
+template <typename F>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F* kernel, int threads,
+                                                                 size_t dynamic_smem) {
+  (void)kernel;
+  const cudaDeviceProp* p = dit_emu::device_properties();
+  if (threads < 1 || threads > p->maxThreadsPerBlock) {
+    *blocks = 0;
+    return cudaErrorInvalidValue;
+  }
+  const size_t per_cta = dynamic_smem + p->reservedSharedMemPerBlock;
+  const size_t by_smem = p->sharedMemPerMultiprocessor / per_cta;
+  *blocks = static_cast<int>(by_smem < 2 ? by_smem : 2);
   return cudaSuccess;
 }
 
