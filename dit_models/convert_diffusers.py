@@ -1,4 +1,4 @@
-"""Checkpoint conversion between the official DiT layout (the keys of facebookresearch/DiT's models.py) and diffusers' DiTTransformer2DModel.
+"""Checkpoint conversion between the official DiT layout (facebookresearch/DiT) and diffusers' DiTTransformer2DModel.
 
     official (ours)                          diffusers DiTTransformer2DModel
     x_embedder.proj.*                        pos_embed.proj.*
