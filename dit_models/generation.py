@@ -6,6 +6,7 @@ Used by dit_models.sample, sample_ddp, evaluate and train (in-training grids, qu
 import torch
 from tqdm.auto import tqdm
 
+from dit_models.cli import positive_int
 from dit_models.methods import METHODS, Sampling, get_method, sampler_flags
 
 # ---------------------------------------------------------------------------------------------------------
@@ -34,13 +35,13 @@ def add_sampler_args(parser):
     g.add_argument("--sampler", default=None, help=f"{names}; dpm++ (every method: DPM-Solver++)")
     steps = ", ".join(dict.fromkeys(f"{m.published['sampler']} {m.published['num_sampling_steps']}"
                                     for m in METHODS.values()))
-    g.add_argument("--num-sampling-steps", type=int, default=None, help=f"{steps}, dpm++ 20 (= NFE)")
+    g.add_argument("--num-sampling-steps", type=positive_int, default=None, help=f"{steps}, dpm++ 20 (= NFE)")
     g.add_argument("--solver-order", type=int, default=None, choices=[1, 2, 3], help="dpm++: 2 (2M) or 3 (3M)")
     g.add_argument("--time-spacing", default=None, choices=["logSNR", "karras", "time_uniform"],
                    help="dpm++ grid for the time-indexed processes (default time_uniform; EDM keeps its sigma grid)")
     for f in sampler_flags():
         g.add_argument(*f.names, **f.kwargs)
-    g.add_argument("--guided-channels", type=int, default=None,
+    g.add_argument("--guided-channels", type=positive_int, default=None,
                    help="CFG on the first N channels only (3 = public DiT/SiT parity); default all")
     g.add_argument("--cuda-graph", action="store_true", help="capture the sampling loop / network call in a CUDA graph")
     return g

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dit_models import utils
+from dit_models.cli import nonnegative_float, positive_int
 from dit_models.methods import METHODS
 from dit_models.generation import add_sampler_args, decode, generate, load_model_for_sampling, sampler_opts_from_args
 
@@ -99,20 +100,20 @@ def get_parser():
     p.add_argument("--ckpt", required=True)
     p.add_argument("--method", default=None, choices=tuple(METHODS))
     p.add_argument("--model", default=None, help="registry name for released MaskDiT files")
-    p.add_argument("--num-heads", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-heads", type=positive_int, default=None)
+    p.add_argument("--image-size", type=positive_int, default=None)
+    p.add_argument("--num-classes", type=positive_int, default=None)
     p.add_argument("--vae", default="ema", help="ema (DiT FID protocol) | mse | path; latent models only")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--num-fid-samples", type=int, default=50_000)
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=1.5)
+    p.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    p.add_argument("--per-proc-batch-size", type=positive_int, default=32)
     p.add_argument("--sample-dir", default="samples")
     p.add_argument("--name", default=None, help="output name (default: built from the settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--parity-uint8", action="store_true", help="reference truncation instead of rounding")
     p.add_argument("--device", default="auto")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=positive_int, default=10)
     add_sampler_args(p)
     return p
 

@@ -5,6 +5,8 @@ the interpolation v of its log variance between beta_t and the posterior varianc
 loss = MSE(eps) + the variational bound term (with a stop-gradient on the mean, Nichol & Dhariwal's hybrid loss).
 Published sampler: 250 ancestral steps respaced evenly over the 1000 ("ddpm"); "ddim" on the same respacing.
 """
+from dit_models.cli import nonnegative_float, positive_int
+
 from .base import Flag, Method, Objective, SamplerSpec, fast_options, margs, network, steps_nfe
 
 
@@ -131,10 +133,10 @@ METHOD = Method(
     load_released=load_released_dit(_dit_class, "DiT"),
     train_flags=(
         Flag(("--noise-schedule",), dict(default="linear", choices=["linear", "squaredcos_cap_v2"], help="ddpm")),
-        Flag(("--diffusion-steps",), dict(type=int, default=1000, help="ddpm: T")),
+        Flag(("--diffusion-steps",), dict(type=positive_int, default=1000, help="ddpm: T")),
     ),
     eps_on_beta_schedule=True,
     nfe_variants={"ddpm": lambda nfe: dict(sampler="ddpm", num_sampling_steps=nfe),
                   "ddim": lambda nfe: dict(sampler="ddim", num_sampling_steps=nfe)},
-    sampler_flags=(Flag(("--ddim-eta",), dict(type=float, default=None, help="ddim: eta (0 = deterministic)")),),
+    sampler_flags=(Flag(("--ddim-eta",), dict(type=nonnegative_float, default=None, help="ddim: eta (0 = deterministic)")),),
 )

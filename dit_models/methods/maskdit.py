@@ -7,6 +7,8 @@ an MAE loss on the masked ones. Published sampler: EDM's Heun (Algorithm 2) on 4
 """
 import torch
 
+from dit_models.cli import finite_float, fraction_below_one, nonnegative_float, positive_float
+
 from .base import Flag, Method, MethodUnavailable, Objective, SamplerSpec, fast_options, given, network, steps_nfe
 
 
@@ -98,15 +100,15 @@ EDM_PUBLISHED = {"sampler": "edm", "num_sampling_steps": 40, "sigma_min": 0.002,
 EDM_SAMPLERS = {"edm": SamplerSpec(run_edm, edm_nfe), "dpm++": SamplerSpec(run_dpm_solver, steps_nfe)}
 EDM_NFE_VARIANTS = {"heun": lambda nfe: dict(sampler="edm", num_sampling_steps=max(2, (nfe + 1) // 2))}
 EDM_SAMPLER_FLAGS = (
-    Flag(("--S-churn",), dict(type=float, default=None, help="edm churn (0 = deterministic)")),
-    Flag(("--sigma-min",), dict(type=float, default=None, help="edm (0.002)")),
-    Flag(("--sigma-max",), dict(type=float, default=None, help="edm (80)")),
-    Flag(("--rho",), dict(type=float, default=None, help="edm (7)")),
+    Flag(("--S-churn",), dict(type=nonnegative_float, default=None, help="edm churn (0 = deterministic)")),
+    Flag(("--sigma-min",), dict(type=positive_float, default=None, help="edm (0.002)")),
+    Flag(("--sigma-max",), dict(type=positive_float, default=None, help="edm (80)")),
+    Flag(("--rho",), dict(type=positive_float, default=None, help="edm (7)")),
 )
 EDM_TRAIN_FLAGS = (
-    Flag(("--mask-ratio",), dict(type=float, default=None, help="maskdit 0.5 / sddit 0.2 by default")),
-    Flag(("--P-mean",), dict(type=float, default=None, help="edm: ln sigma mean (-1.2)")),
-    Flag(("--P-std",), dict(type=float, default=None, help="edm: ln sigma std (1.2)")),
+    Flag(("--mask-ratio",), dict(type=fraction_below_one, default=None, help="maskdit 0.5 / sddit 0.2 by default")),
+    Flag(("--P-mean",), dict(type=finite_float, default=None, help="edm: ln sigma mean (-1.2)")),
+    Flag(("--P-std",), dict(type=positive_float, default=None, help="edm: ln sigma std (1.2)")),
 )
 
 METHOD = Method(
@@ -126,7 +128,7 @@ METHOD = Method(
     samplers=EDM_SAMPLERS,
     load_released=load_released,
     train_flags=EDM_TRAIN_FLAGS + (
-        Flag(("--mae-loss-coef",), dict(type=float, default=None, help="maskdit MAE weight (paper: 0.1)")),),
+        Flag(("--mae-loss-coef",), dict(type=nonnegative_float, default=None, help="maskdit MAE weight (paper: 0.1)")),),
     sampler_flags=EDM_SAMPLER_FLAGS,
     nfe_variants=EDM_NFE_VARIANTS,
 )

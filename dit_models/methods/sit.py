@@ -5,6 +5,8 @@ velocity (or score / noise). Published samplers: the probability-flow ODE with d
 output times; built-in Heun without torchdiffeq) and the reverse SDE (Euler-Maruyama, diffusion D_t = sigma_t,
 a last "Mean" step of size 0.04, 250 grid points).
 """
+from dit_models.cli import nonnegative_float, positive_float
+
 from .base import Flag, Method, Objective, SamplerSpec, fast_options, margs, steps_nfe
 from .ddpm import load_released_dit, model_kwargs
 
@@ -127,8 +129,8 @@ METHOD = Method(
         Flag(("--path-type",), dict(default="Linear", choices=["Linear", "GVP", "VP"], help="sit")),
         Flag(("--prediction",), dict(default="velocity", choices=["velocity", "score", "noise"], help="sit")),
         Flag(("--loss-weight",), dict(default=None, choices=[None, "velocity", "likelihood"], help="sit")),
-        Flag(("--train-eps",), dict(type=float, default=None, help="sit (default per path/prediction)")),
-        Flag(("--sample-eps",), dict(type=float, default=None, help="sit (default per path/prediction)")),
+        Flag(("--train-eps",), dict(type=nonnegative_float, default=None, help="sit (default per path/prediction)")),
+        Flag(("--sample-eps",), dict(type=nonnegative_float, default=None, help="sit (default per path/prediction)")),
     ),
     nfe_variants={  # euler: NFE + 1 grid points; heun: NFE / 2 + 1; sde (Euler-Maruyama): NFE grid points
         "euler": lambda nfe: dict(sampler="ode", sampling_method="euler", num_sampling_steps=nfe + 1),
@@ -138,13 +140,13 @@ METHOD = Method(
     sampler_flags=(
         Flag(("--sampling-method",), dict(default=None, help="sit ode: dopri5 (torchdiffeq) | euler | heun | midpoint "
                                                                "| rk4; sit sde: Euler | Heun")),
-        Flag(("--atol",), dict(type=float, default=None, help="sit ode adaptive (1e-6)")),
-        Flag(("--rtol",), dict(type=float, default=None, help="sit ode adaptive (1e-3)")),
+        Flag(("--atol",), dict(type=positive_float, default=None, help="sit ode adaptive (1e-6)")),
+        Flag(("--rtol",), dict(type=positive_float, default=None, help="sit ode adaptive (1e-3)")),
         Flag(("--diffusion-form",), dict(default=None, help="sit sde: sigma (CLI default) | SBDM | constant | linear | "
                                                               "decreasing | increasing-decreasing")),
-        Flag(("--diffusion-norm",), dict(type=float, default=None, help="sit sde (1.0)")),
+        Flag(("--diffusion-norm",), dict(type=nonnegative_float, default=None, help="sit sde (1.0)")),
         Flag(("--last-step",), dict(default=None, help="sit sde: Mean | Tweedie | Euler | none"),
              lambda v: None if v.lower() == "none" else v),
-        Flag(("--last-step-size",), dict(type=float, default=None, help="sit sde (0.04)")),
+        Flag(("--last-step-size",), dict(type=nonnegative_float, default=None, help="sit sde (0.04)")),
     ),
 )
