@@ -433,13 +433,21 @@ def _write_samples(args, ema, labels, device, run_dir, step):
     return utils.save_image_grid(x, path, nrow=max(8, min(16, args.num_classes)), labels=labels.tolist())
 
 
+def _no_plot_reason(out):
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return "(matplotlib not installed)"
+    return "(no loss values: no step was trained)" if not out.get("history", {}).get("step_loss") else "-"
+
+
 def print_summary(out, args, eval_result=None):
     lines = ["", "=" * 72, f"done: {args.method} {args.model} on {args.data}, {out.get('train_time_s', 0):.0f}s of training",
              f"  final loss     {out['final_loss']:.4f}" if out.get("final_loss") is not None else "  final loss     -",
              f"  run folder     {out['run_dir']}",
              f"  checkpoint     {out['checkpoint']}",
              f"  EMA samples    {out['samples']}",
-             f"  loss plot      {out['loss_plot'] or '(matplotlib not installed)'}",
+             f"  loss plot      {out['loss_plot'] or _no_plot_reason(out)}",
              f"  log            {out['log']}"]
     if eval_result is not None:
         from dit_models.metrics import format_report

@@ -128,8 +128,9 @@ METHOD = Method(
     # Uniform in t: evaluations from T - 1 down to t = 0, then the step to clean data; on the digits DiT it beat
     # uniform-logSNR and Karras grids at 10 and 20 NFE (docs/results.md).
     fast=fast_options(PUBLISHED, "time_uniform"),
-    samplers={"ddpm": SamplerSpec(run_ancestral, steps_nfe), "ddim": SamplerSpec(run_ddim, steps_nfe),
-              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe)},
+    samplers={"ddpm": SamplerSpec(run_ancestral, steps_nfe),
+              "ddim": SamplerSpec(run_ddim, steps_nfe, options=("ddim_eta",)),
+              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe, options=("solver_order", "time_spacing"))},
     load_released=load_released_dit(_dit_class, "DiT"),
     train_flags=(
         Flag(("--noise-schedule",), dict(default="linear", choices=["linear", "squaredcos_cap_v2"], help="ddpm")),

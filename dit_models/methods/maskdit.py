@@ -97,7 +97,11 @@ def load_released(ckpt, device, model_name=None, num_heads=None, image_size=None
 
 EDM_PUBLISHED = {"sampler": "edm", "num_sampling_steps": 40, "sigma_min": 0.002, "sigma_max": 80.0,
                  "rho": 7.0, "S_churn": 0.0, "S_min": 0.0, "S_max": float("inf"), "S_noise": 1.0}
-EDM_SAMPLERS = {"edm": SamplerSpec(run_edm, edm_nfe), "dpm++": SamplerSpec(run_dpm_solver, steps_nfe)}
+EDM_SAMPLERS = {
+    "edm": SamplerSpec(run_edm, edm_nfe,
+                       options=("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")),
+    "dpm++": SamplerSpec(run_dpm_solver, steps_nfe, options=("sigma_min", "sigma_max", "rho", "solver_order")),
+}
 EDM_NFE_VARIANTS = {"heun": lambda nfe: dict(sampler="edm", num_sampling_steps=max(2, (nfe + 1) // 2))}
 EDM_SAMPLER_FLAGS = (
     Flag(("--S-churn",), dict(type=nonnegative_float, default=None, help="edm churn (0 = deterministic)")),

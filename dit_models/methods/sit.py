@@ -122,8 +122,10 @@ METHOD = Method(
     objective=TransportObjective,
     published=PUBLISHED,
     fast=fast_options(PUBLISHED, "time_uniform"),
-    samplers={"ode": SamplerSpec(run_ode, ode_nfe), "sde": SamplerSpec(run_sde, sde_nfe, {"sampling_method": "Euler"}),
-              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe)},
+    samplers={"ode": SamplerSpec(run_ode, ode_nfe, options=("sampling_method", "atol", "rtol")),
+              "sde": SamplerSpec(run_sde, sde_nfe, {"sampling_method": "Euler"}, ("sampling_method", "diffusion_form",
+                                 "diffusion_norm", "last_step", "last_step_size")),
+              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe, options=("solver_order", "time_spacing"))},
     load_released=load_released_dit(_sit_class, "SiT"),
     train_flags=(
         Flag(("--path-type",), dict(default="Linear", choices=["Linear", "GVP", "VP"], help="sit")),
