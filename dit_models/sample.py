@@ -36,7 +36,10 @@ def default_out(ckpt_path):
 
 
 def parse_labels(text, num_classes):
-    labels = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    try:
+        labels = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise ValueError(f"--class-labels {text!r}: expected comma-separated integers, e.g. 207,360") from None
     bad = [v for v in labels if not 0 <= v < num_classes]
     if bad:
         raise ValueError(f"class labels {bad} are outside [0, {num_classes - 1}]")

@@ -47,6 +47,17 @@ def build_objective(args):
 #                                          Argument groups
 # ---------------------------------------------------------------------------------------------------------
 
+def json_object(text):
+    """--model-kwargs: a JSON object ({"name": value, ...})."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{...}}), got {text!r}")
+    return value
+
+
 def add_model_args(parser):
     g = parser.add_argument_group("model")
     g.add_argument("--method", choices=tuple(METHODS), default="ddpm",
@@ -64,7 +75,7 @@ def add_model_args(parser):
     g.add_argument("--decoder-depth", type=positive_int, default=None, help="MaskDiT/SD-DiT decoder depth override")
     g.add_argument("--decoder-hidden-size", type=positive_int, default=None, help="MaskDiT/SD-DiT decoder width override")
     g.add_argument("--decoder-num-heads", type=positive_int, default=None, help="MaskDiT/SD-DiT decoder heads override")
-    g.add_argument("--model-kwargs", type=json.loads, default=None,
+    g.add_argument("--model-kwargs", type=json_object, default=None,
                    help='extra constructor arguments as JSON, e.g. \'{"head_out_dim": 256}\' (SD-DiT head)')
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="dit_kernels fused model path and fused AdamW on CUDA (--no-fused: plain PyTorch)")

@@ -41,6 +41,9 @@ BAD = [
     ("train", "--diffusion-steps", "0", "must be at least 1, got 0"),
     ("train", "--P-std", "0", "must be greater than 0, got 0"),
     ("train", "--num-classes", "0", "must be at least 1, got 0"),
+    ("train", "--model-kwargs", "[1]", "expected a JSON object ({...}), got '[1]'"),
+    ("train", "--model-kwargs", "{", "expected a JSON object, got '{' (Expecting property name enclosed in double "
+     "quotes: line 1 column 2 (char 1))"),
     ("sample", "--batch-size", "0", "must be at least 1, got 0"),  # used to be a ZeroDivisionError
     ("sample", "--cfg-scale", "-2", "must be 0 or more, got -2"),  # used to be accepted silently
     ("sample", "--num-sampling-steps", "0", "must be at least 1, got 0"),  # TypeError (ddpm) / IndexError (edm)
@@ -155,3 +158,8 @@ def test_no_loss_plot_is_explained():
     pytest.importorskip("matplotlib")
     assert train._no_plot_reason({"history": {"step": [], "loss": [], "step_loss": []}}) == \
         "(no loss values: no step was trained)"
+
+
+def test_class_labels_that_are_not_integers_are_one_clear_line():
+    with pytest.raises(ValueError, match="--class-labels '1,a': expected comma-separated integers"):
+        sample.parse_labels("1,a", 10)
