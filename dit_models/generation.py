@@ -65,6 +65,8 @@ def sampler_opts_from_args(args, method, fast=False):
         if getattr(args, f.dest, None) is not None:
             opts[f.dest] = f.option(getattr(args, f.dest))
     m.sampler(opts)  # the sampler applies to the method
+    if "sigma_min" in opts and not opts["sigma_min"] < opts["sigma_max"]:  # EDM's grid would run backwards
+        raise ValueError(f"--sigma-min {opts['sigma_min']:g} must be below --sigma-max {opts['sigma_max']:g}")
     opts["guided_channels"] = getattr(args, "guided_channels", None)
     opts["cuda_graph"] = bool(getattr(args, "cuda_graph", False))
     return opts

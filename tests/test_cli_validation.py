@@ -163,3 +163,15 @@ def test_no_loss_plot_is_explained():
 def test_class_labels_that_are_not_integers_are_one_clear_line():
     with pytest.raises(ValueError, match="--class-labels '1,a': expected comma-separated integers"):
         sample.parse_labels("1,a", 10)
+
+
+def test_edm_sigma_range_must_not_be_inverted():
+    """--sigma-min 80 --sigma-max 0.002 used to run the EDM grid backwards without a word."""
+    from dit_models.generation import sampler_opts_from_args
+
+    p = sample.get_parser()
+    with pytest.raises(ValueError, match="--sigma-min 80 must be below --sigma-max 0.002"):
+        sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sigma-min", "80", "--sigma-max", "0.002"]), "maskdit")
+    with pytest.raises(ValueError, match="--sigma-min 100 must be below --sigma-max 80"):
+        sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sigma-min", "100"]), "sddit", fast=True)
+    assert sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sigma-max", "40"]), "maskdit")["sigma_max"] == 40
