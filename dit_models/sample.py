@@ -53,12 +53,14 @@ def get_parser():
                    help="needed for released files (our checkpoints know their method)")
     p.add_argument("--model", default=None, help="registry name for released MaskDiT files")
     p.add_argument("--num-heads", type=positive_int, default=None, help="released files with a non-registry width")
-    p.add_argument("--image-size", type=positive_int, default=None, help="released files: 256 or 512 (checked against pos_embed)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="released files: 256 or 512 (checked against pos_embed)")
     p.add_argument("--num-classes", type=positive_int, default=None)
     p.add_argument("--class-labels", default=None, help="comma-separated labels (default: every class of a small "
                    "dataset, else DiT's 8 demo classes)")
     p.add_argument("--samples-per-class", type=positive_int, default=None, help="default: fill a 10-16 wide grid")
-    p.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="4.0 for visuals (DiT/SiT sample.py), 1.5 for FID")
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=4.0,
+                   help="4.0 for visuals (DiT/SiT sample.py), 1.5 for FID")
     p.add_argument("--vae", default=None, help="ema | mse | diffusers path; default mse for latent models")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64)

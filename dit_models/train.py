@@ -29,7 +29,8 @@ import time
 import torch
 
 from dit_models import utils
-from dit_models.cli import nonnegative_float, nonnegative_int, parser as tool_parser, positive_float, positive_int, probability
+from dit_models.cli import (nonnegative_float, nonnegative_int, parser as tool_parser, positive_float, positive_int,
+                             probability)
 from dit_models.builders import build_model_from_args, model_config
 from dit_models.data import UnreadableImageError
 from dit_models.methods import METHODS, MethodUnavailable, add_flags, get_method

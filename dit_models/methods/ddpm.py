@@ -139,5 +139,6 @@ METHOD = Method(
     eps_on_beta_schedule=True,
     nfe_variants={"ddpm": lambda nfe: dict(sampler="ddpm", num_sampling_steps=nfe),
                   "ddim": lambda nfe: dict(sampler="ddim", num_sampling_steps=nfe)},
-    sampler_flags=(Flag(("--ddim-eta",), dict(type=nonnegative_float, default=None, help="ddim: eta (0 = deterministic)")),),
+    sampler_flags=(Flag(("--ddim-eta",), dict(type=nonnegative_float, default=None,
+                                              help="ddim: eta (0 = deterministic)")),),
 )

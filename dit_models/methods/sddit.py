@@ -67,7 +67,8 @@ METHOD = Method(
     fast=fast_options(EDM_PUBLISHED, None),
     samplers=EDM_SAMPLERS,
     train_flags=EDM_TRAIN_FLAGS + (
-        Flag(("--dis-loss-coef",), dict(type=nonnegative_float, default=None, help="sddit discriminative loss weight (default 1)")),),
+        Flag(("--dis-loss-coef",), dict(type=nonnegative_float, default=None,
+                                        help="sddit discriminative loss weight (default 1)")),),
     sampler_flags=EDM_SAMPLER_FLAGS,
     nfe_variants=EDM_NFE_VARIANTS,
 )
