@@ -6,11 +6,12 @@ turn the errors a user can fix (and Ctrl-C) into one line instead of a traceback
     return run_cli(main, args, errors=(FileNotFoundError, ValueError))
 """
 import argparse
+import copy
 import math
 import sys
 
-__all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "probability",
-           "fraction_below_one", "run_cli"]
+__all__ = ["finite_float", "positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "probability",
+           "fraction_below_one", "run_cli", "HelpFormatter", "parser"]
 
 
 def _number(kind, text):
@@ -21,6 +22,11 @@ def _number(kind, text):
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def finite_float(text):
+    """Any finite number (a log-normal mean)."""
+    return _number(float, text)
 
 
 def positive_int(text):
@@ -93,3 +99,31 @@ def run_cli(main, args, errors=(FileNotFoundError, ValueError), interrupted=None
             cleanup()
         print(f"error: {str(e).strip()}", file=sys.stderr)
         sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default shown once: "(default: X)" is added unless the help text already names
+    the default, or there is none to show (None, an off switch)."""
+
+    @staticmethod
+    def _has_default(action):
+        off = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        return not (off or action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction))
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and self._has_default(action):  # a flag without help text
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or not self._has_default(action):
+            return text
+        return super()._get_help_string(action)
+
+
+def parser(tool, description, **kwargs):
+    """The ArgumentParser of `python -m dit_models.<tool>` (its usage line names that command)."""
+    return argparse.ArgumentParser(prog=f"python -m dit_models.{tool}", description=description,
+                                   formatter_class=kwargs.pop("formatter_class", HelpFormatter), **kwargs)

@@ -429,6 +429,8 @@ class StepBatches:
     def __init__(self, dataset, local_batch, rank=0, world_size=1, seed=0, num_workers=0):
         from torch.utils.data.distributed import DistributedSampler
 
+        if local_batch < 1:
+            raise ValueError(f"the batch per process must be at least 1, got {local_batch}")
         if len(dataset) < world_size * local_batch:
             raise ValueError(f"dataset has {len(dataset)} items, fewer than one global batch ({world_size} x {local_batch})")
         self.dataset, self.local_batch, self.num_workers = dataset, local_batch, num_workers

@@ -26,16 +26,17 @@ import sys
 
 import numpy as np
 
+from dit_models.cli import nonnegative_float, parser as tool_parser, positive_int, run_cli
 from dit_models.generation import add_sampler_args, load_model_for_sampling, sampler_opts_from_args
 from dit_models.metrics import REPORT_NUM_SAMPLES, digits_report, evaluate_model, format_report, score_samples
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Score conditional digits samples: class accuracy + Frechet distance")
+    p = tool_parser("evaluate", "Score conditional digits samples: class accuracy + Frechet distance")
     p.add_argument("--ckpt", default=None, help="a dit_models.train checkpoint (trained on digits)")
     p.add_argument("--npz", default=None, help="samples .npz (arr_0 uint8 (N,H,W,C) and labels (N,))")
-    p.add_argument("--num-samples", type=int, default=REPORT_NUM_SAMPLES, help="per guidance setting")
-    p.add_argument("--cfg-scale", type=float, default=None,
+    p.add_argument("--num-samples", type=positive_int, default=REPORT_NUM_SAMPLES, help="per guidance setting")
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=None,
                    help="score this one guidance scale (default: the report, FD at cfg 1 and accuracy at cfg 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the result JSON here")
@@ -74,12 +75,7 @@ def main(args):
 
 
 def cli(argv=None):
-    args = get_parser().parse_args(argv)
-    try:
-        return main(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_cli(main, get_parser().parse_args(argv), errors=(FileNotFoundError, ValueError, ImportError))
 
 
 if __name__ == "__main__":

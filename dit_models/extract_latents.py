@@ -14,15 +14,14 @@ stored, not a sample: training draws the flip and z = 0.18215 (mean + exp(logvar
 Each rank writes only its own files (no collisions); rows are assigned with DistributedSampler(shuffle=False),
 whose padding duplicates are dropped when reading.
 """
-import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 
 from dit_models import utils
+from dit_models.cli import nonnegative_int, parser as tool_parser, positive_int, run_cli
 
 
 class VAEMomentsEncoder:
@@ -112,26 +111,22 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Cache VAE moments (image + flip) of an ImageFolder")
+    p = tool_parser("extract_latents", "Cache VAE moments (image + flip) of an ImageFolder")
     p.add_argument("--data", required=True, help="ImageFolder root (root/<class>/<image>)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=256)
     p.add_argument("--vae", default="ema", help="ema | mse | diffusers path")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=nonnegative_int, default=4)
     p.add_argument("--device", default="auto")
     return p
 
 
 def cli(argv=None):
-    args = get_parser().parse_args(argv)
-    try:
-        main(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        utils.cleanup_distributed()
-        sys.exit(2)
+    run_cli(main, get_parser().parse_args(argv),
+            errors=(FileNotFoundError, NotADirectoryError, ValueError, ImportError, RuntimeError),
+            cleanup=utils.cleanup_distributed)
 
 
 if __name__ == "__main__":

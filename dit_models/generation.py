@@ -6,6 +6,7 @@ Used by dit_models.sample, sample_ddp, evaluate and train (in-training grids, qu
 import torch
 from tqdm.auto import tqdm
 
+from dit_models.cli import positive_int
 from dit_models.guidance_interval import check_guidance_interval
 from dit_models.methods import METHODS, Sampling, get_method, sampler_flags
 
@@ -36,7 +37,7 @@ def add_sampler_args(parser):
                                                     "method: UniPC, Zhao et al. 2023)")
     steps = ", ".join(dict.fromkeys(f"{m.published['sampler']} {m.published['num_sampling_steps']}"
                                     for m in METHODS.values()))
-    g.add_argument("--num-sampling-steps", type=int, default=None, help=f"{steps}, dpm++ 20 (= NFE)")
+    g.add_argument("--num-sampling-steps", type=positive_int, default=None, help=f"{steps}, dpm++ 20 (= NFE)")
     g.add_argument("--solver-order", type=int, default=None, choices=[1, 2, 3],
                    help="dpm++: 2 (2M) or 3 (3M); unipc: UniPC-p, p + 1 with the corrector")
     g.add_argument("--third-order", default=None, choices=["taylor", "reference"],
@@ -51,7 +52,7 @@ def add_sampler_args(parser):
                    help="dpm++ grid for the time-indexed processes (default time_uniform; EDM keeps its sigma grid)")
     for f in sampler_flags():
         g.add_argument(*f.names, **f.kwargs)
-    g.add_argument("--guided-channels", type=int, default=None,
+    g.add_argument("--guided-channels", type=positive_int, default=None,
                    help="CFG on the first N channels only (3 = public DiT/SiT parity); default all")
     g.add_argument("--cuda-graph", action="store_true", help="capture the sampling loop / network call in a CUDA graph")
     return g
@@ -75,6 +76,8 @@ def sampler_opts_from_args(args, method, fast=False):
         if getattr(args, f.dest, None) is not None:
             opts[f.dest] = f.option(getattr(args, f.dest))
     m.sampler(opts)  # the sampler applies to the method
+    if "sigma_min" in opts and not opts["sigma_min"] < opts["sigma_max"]:  # EDM's grid would run backwards
+        raise ValueError(f"--sigma-min {opts['sigma_min']:g} must be below --sigma-max {opts['sigma_max']:g}")
     opts["guided_channels"] = getattr(args, "guided_channels", None)
     interval = check_guidance_interval(getattr(args, "guidance_interval", None))
     if interval is not None:

@@ -154,6 +154,7 @@ def evaluate_model(method, model, num_samples=500, cfg_scale=1.0, method_args=No
                    sampler_opts=None, batch_size=100, device=None, progress=False):
     """Samples balanced labels (i % 10) from `model` and scores them; '_samples' holds the images."""
     from dit_models.generation import generate, sampler_defaults, sampler_nfe
+    from dit_models.methods import get_method
 
     device = device or next(model.parameters()).device
     labels = (torch.arange(num_samples) % 10).long().to(device)
@@ -167,7 +168,7 @@ def evaluate_model(method, model, num_samples=500, cfg_scale=1.0, method_args=No
     seconds = time.time() - t0
     res = score_samples(x.cpu(), labels.cpu(), size)
     # guided_nfe: of the nfe evaluations, those on the 2B guided batch (fewer with a guidance interval)
-    res.update(cfg_scale=cfg_scale, sampler={k: v for k, v in opts.items()}, nfe=sampler_nfe(method, opts),
+    res.update(cfg_scale=cfg_scale, sampler=get_method(method).sampler_settings(opts), nfe=sampler_nfe(method, opts),
                guided_nfe=counts.get("guided_nfe"), sampling_seconds=seconds, seed=seed)
     res["_samples"] = x.cpu()
     return res

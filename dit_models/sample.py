@@ -14,14 +14,14 @@ one network evaluation per step, 20 steps unless --num-sampling-steps says other
 --time-spacing time_uniform (default) | logSNR | karras for ddpm and sit; EDM uses its own sigma grid). Guidance: --cfg-scale (1 = off) on all channels of eps / velocity / F by
 default; --guided-channels 3 reproduces the public DiT/SiT 3-channel guidance (needed for FID 2.27 / 2.06).
 """
-import argparse
 import os
 import sys
 
 import torch
 
 from dit_models import utils
-from dit_models.methods import METHODS
+from dit_models.cli import nonnegative_float, parser as tool_parser, positive_int, run_cli
+from dit_models.methods import METHODS, MethodUnavailable
 from dit_models.generation import add_sampler_args, decode, generate, load_model_for_sampling, sampler_opts_from_args
 
 IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT sample.py
@@ -36,7 +36,10 @@ def default_out(ckpt_path):
 
 
 def parse_labels(text, num_classes):
-    labels = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    try:
+        labels = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise ValueError(f"--class-labels {text!r}: expected comma-separated integers, e.g. 207,360") from None
     bad = [v for v in labels if not 0 <= v < num_classes]
     if bad:
         raise ValueError(f"class labels {bad} are outside [0, {num_classes - 1}]")
@@ -44,21 +47,23 @@ def parse_labels(text, num_classes):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Sample a PNG grid from a DiT / SiT / MaskDiT / SD-DiT checkpoint")
+    p = tool_parser("sample", "Sample a PNG grid from a DiT / SiT / MaskDiT / SD-DiT checkpoint")
     p.add_argument("--ckpt", required=True, help="dit_models.train checkpoint or a released DiT/SiT/MaskDiT file")
     p.add_argument("--method", default=None, choices=tuple(METHODS),
                    help="needed for released files (our checkpoints know their method)")
     p.add_argument("--model", default=None, help="registry name for released MaskDiT files")
-    p.add_argument("--num-heads", type=int, default=None, help="released files with a non-registry width")
-    p.add_argument("--image-size", type=int, default=None, help="released files: 256 or 512 (checked against pos_embed)")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-heads", type=positive_int, default=None, help="released files with a non-registry width")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="released files: 256 or 512 (checked against pos_embed)")
+    p.add_argument("--num-classes", type=positive_int, default=None)
     p.add_argument("--class-labels", default=None, help="comma-separated labels (default: every class of a small "
                    "dataset, else DiT's 8 demo classes)")
-    p.add_argument("--samples-per-class", type=int, default=None, help="default: fill a 10-16 wide grid")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="4.0 for visuals (DiT/SiT sample.py), 1.5 for FID")
+    p.add_argument("--samples-per-class", type=positive_int, default=None, help="default: fill a 10-16 wide grid")
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=4.0,
+                   help="4.0 for visuals (DiT/SiT sample.py), 1.5 for FID")
     p.add_argument("--vae", default=None, help="ema | mse | diffusers path; default mse for latent models")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="PNG path (default: sample.png in the checkpoint's run folder, "
@@ -103,12 +108,8 @@ def main(args):
 
 
 def cli(argv=None):
-    args = get_parser().parse_args(argv)
-    try:
-        return main(args)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_cli(main, get_parser().parse_args(argv), errors=(FileNotFoundError, ValueError, ImportError,
+                                                                MethodUnavailable))
 
 
 if __name__ == "__main__":

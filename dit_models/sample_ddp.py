@@ -28,7 +28,6 @@ old default names had no hash).
 uint8 conversion: round((x + 1) * 127.5) by default; --parity-uint8 uses the reference truncation
 clamp(127.5 x + 128) of the public sample_ddp.py (for FID parity).
 """
-import argparse
 import glob
 import hashlib
 import json
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from dit_models import utils
+from dit_models.cli import nonnegative_float, parser as tool_parser, positive_int, run_cli
 from dit_models.methods import METHODS
 from dit_models.generation import add_sampler_args, decode, generate, load_model_for_sampling, sampler_opts_from_args
 
@@ -252,24 +252,24 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Parallel sampling into an .npz (arr_0 uint8 (N, H, W, 3), labels)")
+    p = tool_parser("sample_ddp", "Parallel sampling into an .npz (arr_0 uint8 (N, H, W, 3), labels)")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--method", default=None, choices=tuple(METHODS))
     p.add_argument("--model", default=None, help="registry name for released MaskDiT files")
-    p.add_argument("--num-heads", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-heads", type=positive_int, default=None)
+    p.add_argument("--image-size", type=positive_int, default=None)
+    p.add_argument("--num-classes", type=positive_int, default=None)
     p.add_argument("--vae", default="ema", help="ema (DiT FID protocol) | mse | path; latent models only")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--num-fid-samples", type=int, default=50_000)
-    p.add_argument("--per-proc-batch-size", type=int, default=32)
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=1.5)
+    p.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    p.add_argument("--per-proc-batch-size", type=positive_int, default=32)
     p.add_argument("--sample-dir", default="samples")
     p.add_argument("--name", default=None, help="output name (default: built from the settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--parity-uint8", action="store_true", help="reference truncation instead of rounding")
     p.add_argument("--device", default="auto")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--reuse-unverified-parts", action="store_true",
                    help="resume from a parts folder written before settings.json existed (no record of its "
                         "settings): adopt it with the current settings (each part's labels are still checked)")
@@ -279,12 +279,8 @@ def get_parser():
 
 def cli(argv=None):
     args = get_parser().parse_args(argv)
-    try:
-        return main(args)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        utils.cleanup_distributed()
-        sys.exit(2)
+    return run_cli(main, args, errors=(FileNotFoundError, ValueError, ImportError), cleanup=utils.cleanup_distributed,
+                   interrupted=lambda: "finished batches are kept; run the same command again to resume")
 
 
 if __name__ == "__main__":

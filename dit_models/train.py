@@ -38,6 +38,8 @@ import time
 import torch
 
 from dit_models import utils
+from dit_models.cli import (nonnegative_float, nonnegative_int, parser as tool_parser, positive_float, positive_int,
+                             probability)
 from dit_models.builders import build_model_from_args, model_config
 from dit_models.cli import run_cli
 from dit_models.data import UnreadableImageError
@@ -56,6 +58,17 @@ def build_objective(args):
 #                                          Argument groups
 # ---------------------------------------------------------------------------------------------------------
 
+def json_object(text):
+    """--model-kwargs: a JSON object ({"name": value, ...})."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{...}}), got {text!r}")
+    return value
+
+
 def add_model_args(parser):
     g = parser.add_argument_group("model")
     g.add_argument("--method", choices=tuple(METHODS), default="ddpm",
@@ -63,17 +76,17 @@ def add_model_args(parser):
     g.add_argument("--model", default=None,
                    help="registry name, e.g. DiT-XL/2, SiT-S/2 (default: " +
                         ", ".join(f"{m.default_model} for {m.name}" for m in METHODS.values()) + ")")
-    g.add_argument("--num-classes", type=int, default=None, help="default: the dataset's class count")
-    g.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout for CFG (paper: 0.1)")
+    g.add_argument("--num-classes", type=positive_int, default=None, help="default: the dataset's class count")
+    g.add_argument("--class-dropout-prob", type=probability, default=0.1, help="label dropout for CFG (paper: 0.1)")
     g.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
                    help="DiT/SiT learned variance channels (default: True for ddpm and sit, as published)")
-    g.add_argument("--depth", type=int, default=None, help="override the registry depth (tests/laptops only)")
-    g.add_argument("--hidden-size", type=int, default=None, help="override the registry width (tests/laptops only)")
-    g.add_argument("--num-heads", type=int, default=None, help="override the registry heads (tests/laptops only)")
-    g.add_argument("--decoder-depth", type=int, default=None, help="MaskDiT/SD-DiT decoder depth override")
-    g.add_argument("--decoder-hidden-size", type=int, default=None, help="MaskDiT/SD-DiT decoder width override")
-    g.add_argument("--decoder-num-heads", type=int, default=None, help="MaskDiT/SD-DiT decoder heads override")
-    g.add_argument("--model-kwargs", type=json.loads, default=None,
+    g.add_argument("--depth", type=positive_int, default=None, help="override the registry depth (tests/laptops only)")
+    g.add_argument("--hidden-size", type=positive_int, default=None, help="override the registry width (tests/laptops only)")
+    g.add_argument("--num-heads", type=positive_int, default=None, help="override the registry heads (tests/laptops only)")
+    g.add_argument("--decoder-depth", type=positive_int, default=None, help="MaskDiT/SD-DiT decoder depth override")
+    g.add_argument("--decoder-hidden-size", type=positive_int, default=None, help="MaskDiT/SD-DiT decoder width override")
+    g.add_argument("--decoder-num-heads", type=positive_int, default=None, help="MaskDiT/SD-DiT decoder heads override")
+    g.add_argument("--model-kwargs", type=json_object, default=None,
                    help='extra constructor arguments as JSON, e.g. \'{"head_out_dim": 256}\' (SD-DiT head)')
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="dit_kernels fused model path and fused AdamW on CUDA (--no-fused: plain PyTorch)")
@@ -88,30 +101,30 @@ def add_method_args(parser):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tool_parser("train", __doc__.split("\n\n")[0])
     add_model_args(p)
     add_method_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits", help="digits | digits32 | ImageFolder path | extract_latents folder")
-    g.add_argument("--image-size", type=int, default=256, help="ImageFolder resolution (pixels)")
+    g.add_argument("--image-size", type=positive_int, default=256, help="ImageFolder resolution (pixels)")
     g.add_argument("--vae", default="none", help="ImageFolder: none (pixel space) | ema | mse | diffusers path")
-    g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for file datasets")
+    g.add_argument("--num-workers", type=nonnegative_int, default=4, help="DataLoader workers for file datasets")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="ImageFolder: decode every image once before training and leave out (counted, named) those "
                         "that fail; default: stop with an error naming the first unreadable file")
     g = p.add_argument_group("optimisation")
     g.add_argument("--results-dir", default="results")
-    g.add_argument("--global-batch-size", type=int, default=None,
+    g.add_argument("--global-batch-size", type=positive_int, default=None,
                    help=", ".join(f"{m.global_batch_size} ({m.name})" for m in METHODS.values()))
-    g.add_argument("--epochs", type=int, default=1400, help="used when --max-steps is not given")
-    g.add_argument("--max-steps", type=int, default=None)
-    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--epochs", type=positive_int, default=1400, help="used when --max-steps is not given")
+    g.add_argument("--max-steps", type=positive_int, default=None)
+    g.add_argument("--lr", type=positive_float, default=1e-4)
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="after the warm-up: constant (paper) or cosine decay to 0 at the last step")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (0 = none, paper)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--ema-decay", type=float, default=0.9999)
-    g.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm; 0 = off (paper)")
+    g.add_argument("--warmup-steps", type=nonnegative_int, default=0, help="linear LR warm-up steps (0 = none, paper)")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    g.add_argument("--ema-decay", type=probability, default=0.9999)
+    g.add_argument("--grad-clip", type=nonnegative_float, default=0.0, help="max grad norm; 0 = off (paper)")
     g.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
                    help="default on CUDA: " + ", ".join(f"{m.cuda_precision} for {m.name}" for m in METHODS.values())
                         + " (the reference recipes); fp32 on CPU")
@@ -119,15 +132,15 @@ def get_parser():
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g = p.add_argument_group("feedback")
-    g.add_argument("--log-every", type=int, default=100)
-    g.add_argument("--ckpt-every", type=int, default=50_000)
-    g.add_argument("--sample-every", type=int, default=10_000, help="EMA sample grid every N steps (0 = off)")
-    g.add_argument("--sample-cfg-scale", type=float, default=4.0, help="CFG of in-training samples (SiT: 4.0)")
+    g.add_argument("--log-every", type=positive_int, default=100)
+    g.add_argument("--ckpt-every", type=positive_int, default=50_000)
+    g.add_argument("--sample-every", type=nonnegative_int, default=10_000, help="EMA sample grid every N steps (0 = off)")
+    g.add_argument("--sample-cfg-scale", type=nonnegative_float, default=4.0, help="CFG of in-training samples (SiT: 4.0)")
     g.add_argument("--resume", default=None, help="checkpoint file or run folder: continue the run exactly")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--quickstart", action="store_true",
                    help="small SiT on digits + samples + loss plot + evaluation (override any flag, e.g. --max-steps 20)")
-    g.add_argument("--eval-samples", type=int, default=REPORT_NUM_SAMPLES,
+    g.add_argument("--eval-samples", type=positive_int, default=REPORT_NUM_SAMPLES,
                    help="quickstart: samples per guidance setting of the digits report (as dit_models.evaluate)")
     add_preemption_args(p)
     return p
@@ -629,13 +642,21 @@ def _write_samples(args, ema, labels, device, run_dir, step):
     return utils.save_image_grid(x, path, nrow=max(8, min(16, args.num_classes)), labels=labels.tolist())
 
 
+def _no_plot_reason(out):
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return "(matplotlib not installed)"
+    return "(no loss values: no step was trained)" if not out.get("history", {}).get("step_loss") else "-"
+
+
 def print_summary(out, args, eval_result=None):
     lines = ["", "=" * 72, f"done: {args.method} {args.model} on {args.data}, {out.get('train_time_s', 0):.0f}s of training",
              f"  final loss     {out['final_loss']:.4f}" if out.get("final_loss") is not None else "  final loss     -",
              f"  run folder     {out['run_dir']}",
              f"  checkpoint     {out['checkpoint']}",
              f"  EMA samples    {out['samples']}",
-             f"  loss plot      {out['loss_plot'] or '(matplotlib not installed)'}",
+             f"  loss plot      {out['loss_plot'] or _no_plot_reason(out)}",
              f"  log            {out['log']}"]
     if out.get("skipped_steps"):
         lines.append(f"  skipped steps  {out['skipped_steps']} (non-finite loss or gradient)")

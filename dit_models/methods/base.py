@@ -22,11 +22,13 @@ class SamplerSpec:
     nfe(opts) -> network evaluations per sample (one call on the 2N guidance batch counts once); None when
         the solver is adaptive.
     chosen: options set when --sampler picks this sampler and their own flags are not given.
+    options: the options run() reads besides sampler and num_sampling_steps (what a result records).
     """
 
     run: Callable
     nfe: Callable
     chosen: dict = field(default_factory=dict)
+    options: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,12 @@ class Method:
 
     def sampler_defaults(self, fast=True):
         return dict(self.fast if fast else self.published)
+
+    def sampler_settings(self, opts):
+        """The options of opts that its sampler uses (e.g. no SDE settings for a DPM-Solver++ run): what a
+        result records."""
+        keys = ("sampler", "num_sampling_steps", *self.sampler(opts).options, "guided_channels", "guidance_interval")
+        return {k: opts[k] for k in keys if k in opts}
 
     def sampler(self, opts):
         kind = opts["sampler"]

@@ -5,6 +5,8 @@ the interpolation v of its log variance between beta_t and the posterior varianc
 loss = MSE(eps) + the variational bound term (with a stop-gradient on the mean, Nichol & Dhariwal's hybrid loss).
 Published sampler: 250 ancestral steps respaced evenly over the 1000 ("ddpm"); "ddim" on the same respacing.
 """
+from dit_models.cli import nonnegative_float, positive_int
+
 from .base import Flag, Method, Objective, SamplerSpec, fast_options, margs, network, steps_nfe, unipc_options
 
 
@@ -135,16 +137,19 @@ METHOD = Method(
     # Uniform in t: evaluations from T - 1 down to t = 0, then the step to clean data; on the digits DiT it beat
     # uniform-logSNR and Karras grids at 10 and 20 NFE (docs/results.md).
     fast=fast_options(PUBLISHED, "time_uniform"),
-    samplers={"ddpm": SamplerSpec(run_ancestral, steps_nfe), "ddim": SamplerSpec(run_ddim, steps_nfe),
-              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe),
-              "unipc": SamplerSpec(run_unipc, steps_nfe, unipc_options(PUBLISHED, "time_uniform"))},
+    samplers={"ddpm": SamplerSpec(run_ancestral, steps_nfe),
+              "ddim": SamplerSpec(run_ddim, steps_nfe, options=("ddim_eta",)),
+              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe, options=("solver_order", "time_spacing", "third_order")),
+              "unipc": SamplerSpec(run_unipc, steps_nfe, unipc_options(PUBLISHED, "time_uniform"),
+                                   ("solver_order", "time_spacing", "unipc_variant"))},
     load_released=load_released_dit(_dit_class, "DiT"),
     train_flags=(
         Flag(("--noise-schedule",), dict(default="linear", choices=["linear", "squaredcos_cap_v2"], help="ddpm")),
-        Flag(("--diffusion-steps",), dict(type=int, default=1000, help="ddpm: T")),
+        Flag(("--diffusion-steps",), dict(type=positive_int, default=1000, help="ddpm: T")),
     ),
     eps_on_beta_schedule=True,
     nfe_variants={"ddpm": lambda nfe: dict(sampler="ddpm", num_sampling_steps=nfe),
                   "ddim": lambda nfe: dict(sampler="ddim", num_sampling_steps=nfe)},
-    sampler_flags=(Flag(("--ddim-eta",), dict(type=float, default=None, help="ddim: eta (0 = deterministic)")),),
+    sampler_flags=(Flag(("--ddim-eta",), dict(type=nonnegative_float, default=None,
+                                              help="ddim: eta (0 = deterministic)")),),
 )

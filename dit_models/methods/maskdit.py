@@ -7,6 +7,8 @@ an MAE loss on the masked ones. Published sampler: EDM's Heun (Algorithm 2) on 4
 """
 import torch
 
+from dit_models.cli import finite_float, fraction_below_one, nonnegative_float, positive_float
+
 from .base import Flag, Method, MethodUnavailable, Objective, SamplerSpec, fast_options, given, network, steps_nfe, unipc_options
 
 
@@ -106,19 +108,25 @@ def load_released(ckpt, device, model_name=None, num_heads=None, image_size=None
 
 EDM_PUBLISHED = {"sampler": "edm", "num_sampling_steps": 40, "sigma_min": 0.002, "sigma_max": 80.0,
                  "rho": 7.0, "S_churn": 0.0, "S_min": 0.0, "S_max": float("inf"), "S_noise": 1.0}
-EDM_SAMPLERS = {"edm": SamplerSpec(run_edm, edm_nfe), "dpm++": SamplerSpec(run_dpm_solver, steps_nfe),
-                "unipc": SamplerSpec(run_unipc, steps_nfe, unipc_options(EDM_PUBLISHED, None))}
+EDM_SAMPLERS = {
+    "edm": SamplerSpec(run_edm, edm_nfe,
+                       options=("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")),
+    "dpm++": SamplerSpec(run_dpm_solver, steps_nfe,
+                         options=("sigma_min", "sigma_max", "rho", "solver_order", "third_order")),
+    "unipc": SamplerSpec(run_unipc, steps_nfe, unipc_options(EDM_PUBLISHED, None),
+                         ("sigma_min", "sigma_max", "rho", "solver_order", "unipc_variant")),
+}
 EDM_NFE_VARIANTS = {"heun": lambda nfe: dict(sampler="edm", num_sampling_steps=max(2, (nfe + 1) // 2))}
 EDM_SAMPLER_FLAGS = (
-    Flag(("--S-churn",), dict(type=float, default=None, help="edm churn (0 = deterministic)")),
-    Flag(("--sigma-min",), dict(type=float, default=None, help="edm (0.002)")),
-    Flag(("--sigma-max",), dict(type=float, default=None, help="edm (80)")),
-    Flag(("--rho",), dict(type=float, default=None, help="edm (7)")),
+    Flag(("--S-churn",), dict(type=nonnegative_float, default=None, help="edm churn (0 = deterministic)")),
+    Flag(("--sigma-min",), dict(type=positive_float, default=None, help="edm (0.002)")),
+    Flag(("--sigma-max",), dict(type=positive_float, default=None, help="edm (80)")),
+    Flag(("--rho",), dict(type=positive_float, default=None, help="edm (7)")),
 )
 EDM_TRAIN_FLAGS = (
-    Flag(("--mask-ratio",), dict(type=float, default=None, help="maskdit 0.5 / sddit 0.2 by default")),
-    Flag(("--P-mean",), dict(type=float, default=None, help="edm: ln sigma mean (-1.2)")),
-    Flag(("--P-std",), dict(type=float, default=None, help="edm: ln sigma std (1.2)")),
+    Flag(("--mask-ratio",), dict(type=fraction_below_one, default=None, help="maskdit 0.5 / sddit 0.2 by default")),
+    Flag(("--P-mean",), dict(type=finite_float, default=None, help="edm: ln sigma mean (-1.2)")),
+    Flag(("--P-std",), dict(type=positive_float, default=None, help="edm: ln sigma std (1.2)")),
 )
 
 METHOD = Method(
@@ -138,7 +146,7 @@ METHOD = Method(
     samplers=EDM_SAMPLERS,
     load_released=load_released,
     train_flags=EDM_TRAIN_FLAGS + (
-        Flag(("--mae-loss-coef",), dict(type=float, default=None, help="maskdit MAE weight (paper: 0.1)")),),
+        Flag(("--mae-loss-coef",), dict(type=nonnegative_float, default=None, help="maskdit MAE weight (paper: 0.1)")),),
     sampler_flags=EDM_SAMPLER_FLAGS,
     nfe_variants=EDM_NFE_VARIANTS,
 )

@@ -5,6 +5,8 @@ a student that sees 80 % of the tokens (mask ratio 0.2) plus lambda = 1 x a DINO
 the student's projection-head scores and those of an EMA teacher encoder on a near-clean view (sigma 0.002).
 No released checkpoints.
 """
+from dit_models.cli import nonnegative_float
+
 from .base import Flag, Method, MethodUnavailable, fast_options, given
 from .maskdit import EDM_NFE_VARIANTS, EDM_PUBLISHED, EDM_SAMPLER_FLAGS, EDM_SAMPLERS, EDM_TRAIN_FLAGS, LossDictObjective, shrunk_decoder
 
@@ -65,7 +67,8 @@ METHOD = Method(
     fast=fast_options(EDM_PUBLISHED, None),
     samplers=EDM_SAMPLERS,
     train_flags=EDM_TRAIN_FLAGS + (
-        Flag(("--dis-loss-coef",), dict(type=float, default=None, help="sddit discriminative loss weight (default 1)")),),
+        Flag(("--dis-loss-coef",), dict(type=nonnegative_float, default=None,
+                                        help="sddit discriminative loss weight (default 1)")),),
     sampler_flags=EDM_SAMPLER_FLAGS,
     nfe_variants=EDM_NFE_VARIANTS,
 )

@@ -5,6 +5,8 @@ velocity (or score / noise). Published samplers: the probability-flow ODE with d
 output times; built-in Heun without torchdiffeq) and the reverse SDE (Euler-Maruyama, diffusion D_t = sigma_t,
 a last "Mean" step of size 0.04, 250 grid points).
 """
+from dit_models.cli import nonnegative_float, positive_float
+
 from .base import Flag, Method, Objective, SamplerSpec, fast_options, margs, steps_nfe, unipc_options
 from .ddpm import load_released_dit, model_kwargs
 
@@ -131,16 +133,19 @@ METHOD = Method(
     objective=TransportObjective,
     published=PUBLISHED,
     fast=fast_options(PUBLISHED, "time_uniform"),
-    samplers={"ode": SamplerSpec(run_ode, ode_nfe), "sde": SamplerSpec(run_sde, sde_nfe, {"sampling_method": "Euler"}),
-              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe),
-              "unipc": SamplerSpec(run_unipc, steps_nfe, unipc_options(PUBLISHED, "time_uniform"))},
+    samplers={"ode": SamplerSpec(run_ode, ode_nfe, options=("sampling_method", "atol", "rtol")),
+              "sde": SamplerSpec(run_sde, sde_nfe, {"sampling_method": "Euler"}, ("sampling_method", "diffusion_form",
+                                 "diffusion_norm", "last_step", "last_step_size")),
+              "dpm++": SamplerSpec(run_dpm_solver, steps_nfe, options=("solver_order", "time_spacing", "third_order")),
+              "unipc": SamplerSpec(run_unipc, steps_nfe, unipc_options(PUBLISHED, "time_uniform"),
+                                   ("solver_order", "time_spacing", "unipc_variant"))},
     load_released=load_released_dit(_sit_class, "SiT"),
     train_flags=(
         Flag(("--path-type",), dict(default="Linear", choices=["Linear", "GVP", "VP"], help="sit")),
         Flag(("--prediction",), dict(default="velocity", choices=["velocity", "score", "noise"], help="sit")),
         Flag(("--loss-weight",), dict(default=None, choices=[None, "velocity", "likelihood"], help="sit")),
-        Flag(("--train-eps",), dict(type=float, default=None, help="sit (default per path/prediction)")),
-        Flag(("--sample-eps",), dict(type=float, default=None, help="sit (default per path/prediction)")),
+        Flag(("--train-eps",), dict(type=nonnegative_float, default=None, help="sit (default per path/prediction)")),
+        Flag(("--sample-eps",), dict(type=nonnegative_float, default=None, help="sit (default per path/prediction)")),
     ),
     nfe_variants={  # euler: NFE + 1 grid points; heun: NFE / 2 + 1; sde (Euler-Maruyama): NFE grid points
         "euler": lambda nfe: dict(sampler="ode", sampling_method="euler", num_sampling_steps=nfe + 1),
@@ -150,13 +155,13 @@ METHOD = Method(
     sampler_flags=(
         Flag(("--sampling-method",), dict(default=None, help="sit ode: dopri5 (torchdiffeq) | euler | heun | midpoint "
                                                                "| rk4; sit sde: Euler | Heun")),
-        Flag(("--atol",), dict(type=float, default=None, help="sit ode adaptive (1e-6)")),
-        Flag(("--rtol",), dict(type=float, default=None, help="sit ode adaptive (1e-3)")),
+        Flag(("--atol",), dict(type=positive_float, default=None, help="sit ode adaptive (1e-6)")),
+        Flag(("--rtol",), dict(type=positive_float, default=None, help="sit ode adaptive (1e-3)")),
         Flag(("--diffusion-form",), dict(default=None, help="sit sde: sigma (CLI default) | SBDM | constant | linear | "
                                                               "decreasing | increasing-decreasing")),
-        Flag(("--diffusion-norm",), dict(type=float, default=None, help="sit sde (1.0)")),
+        Flag(("--diffusion-norm",), dict(type=nonnegative_float, default=None, help="sit sde (1.0)")),
         Flag(("--last-step",), dict(default=None, help="sit sde: Mean | Tweedie | Euler | none"),
              lambda v: None if v.lower() == "none" else v),
-        Flag(("--last-step-size",), dict(type=float, default=None, help="sit sde (0.04)")),
+        Flag(("--last-step-size",), dict(type=nonnegative_float, default=None, help="sit sde (0.04)")),
     ),
 )
