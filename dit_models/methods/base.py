@@ -118,7 +118,8 @@ def unipc_options(published, time_spacing):
 def fast_options(published, time_spacing):
     """The in-training / evaluation sampler of every method: DPM-Solver++(2M), 20 steps = 20 NFE, which on the
     digits checkpoints matches or beats each method's 250-step sampler (docs/results.md)."""
-    return dict(published, sampler="dpm++", num_sampling_steps=20, solver_order=2, time_spacing=time_spacing)
+    return dict(published, sampler="dpm++", num_sampling_steps=20, solver_order=2, time_spacing=time_spacing,
+                third_order="taylor")
 
 
 def steps_nfe(opts):
