@@ -3,6 +3,8 @@ checkpoint (ours or a released file) for sampling, VAE decoding.
 
 Used by dit_models.sample, sample_ddp, evaluate and train (in-training grids, quickstart evaluation).
 """
+import os
+
 import torch
 from tqdm.auto import tqdm
 
@@ -161,9 +163,10 @@ def load_model_for_sampling(ckpt_path, method=None, device="cpu", model_name=Non
     the public SiT scripts build learn_sigma=False for --ckpt and fail on its own files); MaskDiT files need
     --model. Loading is always onto the CPU first (map_location="cpu").
     """
-    from dit_models.checkpoint import read_checkpoint
+    from dit_models.checkpoint import CheckpointMismatchError, load_checkpoint, read_checkpoint
 
     ckpt = read_checkpoint(ckpt_path)
+    path = ckpt_path if isinstance(ckpt_path, (str, os.PathLike)) else None  # for error messages
     ours = isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "method" in ckpt["args"] and "ema" in ckpt
     if ours:
         from dit_models.builders import build_model_from_args
@@ -173,7 +176,7 @@ def load_model_for_sampling(ckpt_path, method=None, device="cpu", model_name=Non
             raise ValueError(f"{ckpt_path} is a {a['method']} checkpoint, not {method}")
         method = a["method"]
         model = build_model_from_args(a, a["input_size"], a["in_channels"])
-        model.load_state_dict(ckpt["ema"])
+        load_checkpoint(ckpt, model, which="ema", path=path)
         return model.to(device).eval(), method, a
     if method is None:
         known = ", ".join(f"{m.name} for {m.family} files" for m in METHODS.values() if m.load_released)
@@ -181,7 +184,13 @@ def load_model_for_sampling(ckpt_path, method=None, device="cpu", model_name=Non
     load = get_method(method).load_released
     if load is None:
         raise ValueError(f"no released checkpoints are known for --method {method}; use a dit_models.train checkpoint")
-    model, a = load(ckpt, device, model_name, num_heads, image_size, num_classes)
+    try:
+        model, a = load(ckpt, device, model_name, num_heads, image_size, num_classes)
+    except (ValueError, KeyError) as e:  # name the file: the loader only sees its contents
+        if path is None or str(path) in str(e):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise CheckpointMismatchError(f"checkpoint {str(path)!r} does not fit --method {method}: {msg}") from e
     return model, method, {"method": method, **a}
 
 

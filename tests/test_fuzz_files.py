@@ -207,3 +207,27 @@ def test_fuzzed_images_decode_or_name_the_file(tmp_path):
         else:
             assert x.shape == (3, 8, 8) and torch.isfinite(x).all()
     assert errors >= 4  # the empty files and the text file at least
+
+
+def test_sampling_loader_names_the_file_for_a_wrong_size_checkpoint(dit_file, tmp_path):
+    from dit_models.generation import load_model_for_sampling
+
+    # Released-file path: a DiT file sampled as SiT with the wrong --num-heads still loads; an EDM layout as ddpm
+    # cannot, and the message names the file.
+    maskdit_like = tmp_path / "edm.pt"
+    torch.save({"ema": {f"model.{k}": v for k, v in DiT(**TINY_DIT).state_dict().items()}}, maskdit_like)
+    with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+        load_model_for_sampling(str(maskdit_like), method="ddpm")
+    _assert_names_file(e.value, maskdit_like, "released file of another method")
+    # Our container whose recorded sizes do not fit its weights (edited by hand, or a bad merge).
+    from dit_models import train
+    from test_train import make_args
+
+    out = train.main(make_args("sit", tmp_path / "run", "--max-steps", "1", "--ckpt-every", "1"))
+    ck = torch.load(out["checkpoint"], map_location="cpu")
+    ck["args"]["hidden_size"] = 2 * ck["args"]["hidden_size"]
+    edited = tmp_path / "edited.pt"
+    torch.save(ck, edited)
+    with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+        load_model_for_sampling(str(edited))
+    _assert_names_file(e.value, edited, "our checkpoint with other sizes")
