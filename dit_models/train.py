@@ -38,10 +38,9 @@ import time
 import torch
 
 from dit_models import utils
-from dit_models.cli import (nonnegative_float, nonnegative_int, parser as tool_parser, positive_float, positive_int,
-                             probability)
 from dit_models.builders import build_model_from_args, model_config
-from dit_models.cli import run_cli
+from dit_models.cli import (nonnegative_float, nonnegative_int, parser as tool_parser, positive_float, positive_int,
+                            probability, run_cli)
 from dit_models.data import UnreadableImageError
 from dit_models.methods import METHODS, MethodUnavailable, add_flags, get_method
 from dit_models.metrics import REPORT_NUM_SAMPLES
@@ -136,7 +135,13 @@ def get_parser():
     g.add_argument("--ckpt-every", type=positive_int, default=50_000)
     g.add_argument("--sample-every", type=nonnegative_int, default=10_000, help="EMA sample grid every N steps (0 = off)")
     g.add_argument("--sample-cfg-scale", type=nonnegative_float, default=4.0, help="CFG of in-training samples (SiT: 4.0)")
-    g.add_argument("--resume", default=None, help="checkpoint file or run folder: continue the run exactly")
+    # bare `--resume` means `--resume auto` (a requeued job re-runs one command line)
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="checkpoint file, run folder, or auto (also bare --resume): the newest complete checkpoint of "
+                        "--run-dir, else of the newest <results-dir>/NNN-<method>-<model> folder, skipping torn "
+                        "files; a new run when there is none, so one command line serves the first start and every "
+                        "requeue. The run's settings come from the checkpoint; given flags may change only steps, LR "
+                        "schedule, intervals and machine settings")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--quickstart", action="store_true",
                    help="small SiT on digits + samples + loss plot + evaluation (override any flag, e.g. --max-steps 20)")
@@ -147,20 +152,12 @@ def get_parser():
 
 
 def add_preemption_args(parser):
-    """Resume, preemption and numerics flags (issues 18.3, 18.4, 22.3)."""
-    # --resume is declared above; bare `--resume` means `--resume auto` (a requeued job re-runs one command line).
-    resume = next(a for a in parser._actions if a.dest == "resume")
-    resume.nargs, resume.const = "?", "auto"
-    resume.help = ("checkpoint file, run folder, or auto (also bare --resume): the newest complete checkpoint of "
-                   "--run-dir, else of the newest <results-dir>/NNN-<method>-<model> folder, skipping torn files; "
-                   "a new run when there is none, so one command line serves the first start and every requeue. "
-                   "The run's settings come from the checkpoint; given flags may change only steps, LR schedule, "
-                   "intervals and machine settings")
+    """Preemption and numerics flags (--resume is declared with the training flags)."""
     g = parser.add_argument_group("preemption and numerics")
     g.add_argument("--run-dir", default=None,
                    help="run folder to write (created if missing) instead of a new numbered one under --results-dir; "
                         "with --resume auto, the run to continue (recommended on clusters)")
-    g.add_argument("--dist-timeout", type=float, default=600.0,
+    g.add_argument("--dist-timeout", type=positive_float, default=600.0,
                    help="seconds a collective may wait: when a process dies the others stop with an error within it")
     g.add_argument("--on-nonfinite", choices=["skip", "stop"], default="skip",
                    help="a NaN/inf loss or gradient: skip the step (weights, EMA, optimizer state unchanged; counted) "
