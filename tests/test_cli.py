@@ -235,6 +235,15 @@ def test_sampler_nfe_benchmark_counts_resumes_and_tabulates(checkpoints, cache_d
     assert torch.is_grad_enabled()  # the benchmark must not switch autograd off for the rest of the process
     table = bench.markdown_table(out)
     assert "sit, cfg 2, 20 samples" in table and "| dpm++2 time_uniform |" in table and "| heun |" in table
+    # UniPC and a guidance interval: SiT t in [0.5, 1] guides the later half of a 4-step uniform grid only
+    recs = bench.run(checkpoints["sit"], ["unipc-bh2"], [4], [2.0], 20, 0, out, guidance_interval=(0.5, 1.0))
+    assert [(r["sampler"], r["nfe"], r["guidance_interval"]) for r in recs] == [("unipc-bh2", 4, [0.5, 1.0])]
+    assert 0 < recs[0]["guided_nfe"] < 4
+    with open(out, "a") as f:  # a 250-NFE reference row: the table says how far the best sampler is from it
+        f.write(json.dumps(dict(recs[0], sampler="heun", nfe_target=250, nfe=250, fd=recs[0]["fd"] / 1.1)) + "\n")
+    table = bench.markdown_table(out)
+    assert "sit, cfg 2, guidance interval [0.5, 1.0], 20 samples" in table and "| unipc-bh2 time_uniform |" in table
+    assert f"NFE 4: unipc-bh2 time_uniform {recs[0]['fd']:.1f} (+10.0%)" in table
 
 
 def test_compare_diffusers_skips_cleanly_without_diffusers(monkeypatch, capsys):
@@ -242,6 +251,32 @@ def test_compare_diffusers_skips_cleanly_without_diffusers(monkeypatch, capsys):
     monkeypatch.setattr(bench, "diffusers_available", lambda: False)
     assert bench.main(["--ckpt", "unused.pt"]) == []
     assert "diffusers is not installed" in capsys.readouterr().err
+
+
+def test_compare_diffusers_flow_anchor_drives_sit_like_our_samplers(checkpoints):
+    # diffusers' flow-matching schedulers on a SiT velocity network (sigma = 1 - t, flow output = -v): on
+    # (nearly) our grid they must land where our own DPM-Solver++ / UniPC land; a sign or time-direction slip
+    # in the mapping does not.
+    pytest.importorskip("diffusers")
+    bench = load_repo_file("benchmarks/compare_diffusers.py", "_bench_compare_diffusers")
+    nfe_bench = load_repo_file("benchmarks/sampler_nfe.py", "_bench_sampler_nfe")
+    model, method, margs = generation.load_model_for_sampling(checkpoints["sit"], device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a 3-step network still outputs ~0 (zero-initialised final layer): give it a field
+        for p in model.final_layer.parameters():
+            p.normal_(0, 0.1)
+    z = torch.randn(8, model.in_channels, model.input_size, model.input_size, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % model.num_classes
+    with torch.no_grad():
+        for theirs, ours in (("flow dpm++2M", "dpm++2"), ("flow unipc bh2", "unipc-bh2")):
+            x_ours = generation.generate(method, model, y, nfe_bench.sampler_opts(method, ours, 8), 1.0,
+                                         method_args=margs, noise=z)
+            x_theirs = bench.diffusers_sample(bench.make_scheduler(theirs), bench.sit_flow_output(model, 1.0), z, 8, y)
+            scale = float(x_ours.abs().max())
+            assert float((x_theirs - x_ours).abs().max()) < 0.05 * scale, theirs
+        flipped = lambda x, t, y_: -bench.sit_flow_output(model, 1.0)(x, t, y_)  # noqa: E731
+        x_wrong = bench.diffusers_sample(bench.make_scheduler("flow dpm++2M"), flipped, z, 8, y)
+        assert float((x_wrong - x_ours).abs().max()) > 0.2 * scale
 
 
 def test_fast_sampler_is_dpm_solver_and_another_sampler_gets_its_published_settings():
