@@ -59,7 +59,8 @@ OURS = {"ours dpm++2M logSNR": ("dpm++", 2, "logSNR"), "ours dpm++2M karras": ("
         "ours unipc bh2 time_uniform": ("unipc-bh2", 2, "time_uniform"),
         "ours unipc bh1 time_uniform": ("unipc-bh1", 2, "time_uniform"),
         "ours unipc bh2 karras": ("unipc-bh2", 2, "karras")}
-# ours on a SiT checkpoint: its DPM-Solver++ / UniPC on the interpolant's own time grid (benchmarks/sampler_nfe.py names)
+# ours on a SiT checkpoint: its DPM-Solver++ / UniPC on the interpolant's own time grid
+# (the sampler names of benchmarks/sampler_nfe.py)
 OURS_FLOW = {"ours dpm++2M": "dpm++2", "ours dpm++3M": "dpm++3", "ours unipc bh2": "unipc-bh2",
              "ours unipc bh1": "unipc-bh1"}
 
@@ -128,10 +129,6 @@ def sit_flow_output(model, cfg_scale):
     return flow
 
 
-def _is_flow_sit(method, margs):
-    return method == "sit" and margs.get("path_type", "Linear") == "Linear" and margs.get("prediction", "velocity") == "velocity"
-
-
 @torch.no_grad()  # a context, not torch.set_grad_enabled(False): callers (tests) keep autograd
 def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
     from dit_models.diffusion import create_diffusion
@@ -143,7 +140,7 @@ def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
     from sampler_nfe import sampler_opts
 
     model, method, margs = load_model_for_sampling(ckpt, device="cpu")
-    flow = _is_flow_sit(method, margs)
+    flow = get_method(method).linear_flow(margs)
     if not (flow or get_method(method).eps_on_beta_schedule):
         raise ValueError(f"{ckpt} is a {method} checkpoint; the diffusers anchor needs a DiT (ddpm) one or a SiT "
                          "one with the Linear path and velocity prediction")
@@ -162,7 +159,8 @@ def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
     names = configs or (list(ours) + list(theirs))
     unknown = [n for n in names if n not in ours and n not in theirs]
     if unknown:
-        raise ValueError(f"unknown solver names for a {method} checkpoint: {unknown}; choose from {list(ours) + list(theirs)}")
+        raise ValueError(f"unknown solver names for a {method} checkpoint: {unknown}; "
+                         f"choose from {list(ours) + list(theirs)}")
     done = set()
     if out and os.path.exists(out):  # resume: skip (solver, nfe, cfg) already measured on this checkpoint
         with open(out) as f:
@@ -180,8 +178,8 @@ def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
                 for i in range(0, num_samples, batch_size):
                     zb, yb = z[i:i + batch_size], labels[i:i + batch_size]
                     if flow and name in ours:  # the sampling tools' own path (generate), from the same noise
-                        xs.append(generate(method, model, yb, sampler_opts(method, ours[name], nfe), cfg, method_args=margs, batch_size=len(yb),
-                                           noise=zb))
+                        xs.append(generate(method, model, yb, sampler_opts(method, ours[name], nfe), cfg,
+                                           method_args=margs, batch_size=len(yb), noise=zb))
                     elif name in ours:
                         sampler, order, spacing = ours[name]
                         kw = dict(noise=zb, clip_denoised=False, model_kwargs=dict(y=yb), num_steps=nfe, order=order,

@@ -265,7 +265,8 @@ def test_compare_diffusers_flow_anchor_drives_sit_like_our_samplers(checkpoints)
     with torch.no_grad():  # a 3-step network still outputs ~0 (zero-initialised final layer): give it a field
         for p in model.final_layer.parameters():
             p.normal_(0, 0.1)
-    z = torch.randn(8, model.in_channels, model.input_size, model.input_size, generator=torch.Generator().manual_seed(0))
+    C, H = model.in_channels, model.input_size
+    z = torch.randn(8, C, H, H, generator=torch.Generator().manual_seed(0))
     y = torch.arange(8) % model.num_classes
     with torch.no_grad():
         for theirs, ours in (("flow dpm++2M", "dpm++2"), ("flow unipc bh2", "unipc-bh2")):

@@ -64,6 +64,8 @@ class Method:
     train_flags, sampler_flags: the flags this method adds to dit_models.train and to the sampling tools.
     eps_on_beta_schedule: the network predicts eps on a discrete DDPM beta schedule (what diffusers' schedulers
         step, benchmarks/compare_diffusers.py).
+    linear_flow(args dict) -> True when the network predicts the velocity data - noise on the linear path
+        x_t = t data + (1 - t) noise (what diffusers' flow-matching schedulers step, with sigma = 1 - t).
     nfe_variants: {name: fn(nfe) -> option updates on `published`} that spend about nfe network evaluations
         with each published solver (benchmarks/sampler_nfe.py; DPM-Solver++ is one evaluation per step anywhere).
     """
@@ -87,6 +89,7 @@ class Method:
     sampler_flags: tuple = ()
     nfe_variants: dict = field(default_factory=dict)
     eps_on_beta_schedule: bool = False
+    linear_flow: Callable = lambda args: False
 
     def registry(self):
         try:

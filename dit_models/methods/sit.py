@@ -147,6 +147,8 @@ METHOD = Method(
         Flag(("--train-eps",), dict(type=nonnegative_float, default=None, help="sit (default per path/prediction)")),
         Flag(("--sample-eps",), dict(type=nonnegative_float, default=None, help="sit (default per path/prediction)")),
     ),
+    linear_flow=lambda a: (margs(a, "path_type", "Linear"),
+                           margs(a, "prediction", "velocity")) == ("Linear", "velocity"),
     nfe_variants={  # euler: NFE + 1 grid points; heun: NFE / 2 + 1; sde (Euler-Maruyama): NFE grid points
         "euler": lambda nfe: dict(sampler="ode", sampling_method="euler", num_sampling_steps=nfe + 1),
         "heun": lambda nfe: dict(sampler="ode", sampling_method="heun", num_sampling_steps=max(2, nfe // 2 + 1)),
