@@ -616,13 +616,26 @@ constexpr int kBwdItemRows = 64;  // rows of one sample per work item; fixed, so
                                   // (and the result bits) depend on the shape only, not on the GPU
 
 // Registers (32-bit words) a tier backward keeps live per thread: the row's raw packs, PPL x VEC
-// wide, plus ~40 for the row's statistics, the modulation and the partial sums of a pack (the bf16
-// gated-residual backward compiles to 138 registers: 1 CTA per SM; 2 need <= 128, not forced here).
+// wide, plus ~40 for the row's statistics, the modulation and the partial sums of a pack (the launch
+// bounds below can ask for more CTAs than this estimate gives: kBwdTierMinBlocks).
 template <typename T, typename L, int VEC, int PPL, int KIND>
 constexpr int kBwdTierWords =
     40 + PPL * VEC *
              ((KIND != kBwdGr ? static_cast<int>(sizeof(L) + sizeof(T)) : 0) +
               (KIND != kBwdLn ? static_cast<int>(sizeof(T) + sizeof(L)) : 0)) / 4;
+
+// CTAs per SM a tier backward asks ptxas for (its register ceiling). The gated-residual backward's
+// estimate lands just above the 128 registers that 2 CTAs of 256 threads need (it compiled to 138 at
+// bf16, D = 1152: 8 warps per SM). Where the estimate is within 16 registers of 128, ask for 2: ptxas
+// then fits bf16 (any modulation dtype) and fp16 with fp16 modulation into <= 128 without spilling
+// (123-128 at PPL 5). fp16 data with fp32 modulation spills 32 bytes at 128, so it keeps 1 CTA; the
+// kernel-facts gate (scripts/kernel_facts.py) fails the build on any spill, should a compiler differ.
+template <typename T, typename M, typename L, int VEC, int PPL, int KIND>
+constexpr int kBwdTierMinBlocks =
+    (KIND == kBwdGr && kBwdTierWords<T, L, VEC, PPL, KIND> + 56 <= 144 &&
+     !(std::is_same_v<T, c10::Half> && std::is_same_v<M, float>))
+        ? 2
+        : min_blocks_for(kBwdRowWarps * kWarpSize, kBwdTierWords<T, L, VEC, PPL, KIND>);
 
 template <int KIND>
 constexpr int kBwdSums = (KIND != kBwdGr ? 2 : 0) + (KIND != kBwdLn ? 1 : 0);
@@ -645,8 +658,7 @@ constexpr int64_t bwd_tier_smem(int64_t dim) {
 // mln_column_finalize_kernel adds the items in order. Fixed order everywhere, no atomics: bit-wise
 // deterministic, on any GPU.
 template <typename T, typename M, typename L, int VEC, int PPL, int KIND>
-__global__ void __launch_bounds__(kBwdRowWarps* kWarpSize,
-                                  min_blocks_for(kBwdRowWarps* kWarpSize, kBwdTierWords<T, L, VEC, PPL, KIND>))
+__global__ void __launch_bounds__(kBwdRowWarps* kWarpSize, kBwdTierMinBlocks<T, M, L, VEC, PPL, KIND>)
     mln_backward_tier_kernel(BwdArgs<T, M, L> a) {
   using acc = acc_t<T>;
   using PT = Pack<T, VEC>;
