@@ -205,9 +205,51 @@ def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
     return records
 
 
+def markdown_table(path):
+    """The records of a JSONL file as one markdown table per (checkpoint, cfg): a row per solver, a column per
+    NFE, cells "FD / accuracy" (bold: the best of ours and the best of diffusers' per column), then a line
+    per table: both sides' best at each NFE."""
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    lines = []
+    for ckpt in dict.fromkeys(r["ckpt"] for r in recs):
+        for cfg in sorted({r["cfg"] for r in recs if r["ckpt"] == ckpt}):
+            rows = [r for r in recs if r["ckpt"] == ckpt and r["cfg"] == cfg]
+            nfes = sorted({r["nfe"] for r in rows})
+            ours = lambda r: r["solver"].startswith("ours")  # noqa: E731
+            best = {}
+            for k in nfes:
+                for side in (True, False):
+                    cell = [r for r in rows if r["nfe"] == k and ours(r) == side and r["fd"] == r["fd"]]
+                    if cell:
+                        best[k, side] = min(cell, key=lambda r: r["fd"])
+            lines += ["", f"{rows[0].get('method', 'ddpm')}, cfg {cfg:g}, {rows[0]['num_samples']} samples: "
+                      f"FD / class accuracy ({ckpt})", "",
+                      "| solver | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|" + "---|" * len(nfes)]
+            for name in dict.fromkeys(r["solver"] for r in rows):
+                cells = []
+                for k in nfes:
+                    r = next((r for r in rows if r["solver"] == name and r["nfe"] == k), None)
+                    if r is None:
+                        cells.append("")
+                    elif r["fd"] != r["fd"]:
+                        cells.append(f"non-finite ({r['non_finite_samples']})")
+                    else:
+                        fd = f"{r['fd']:.1f}"
+                        cells.append(f"{'**' + fd + '**' if best.get((k, ours(r))) is r else fd} / {r['accuracy']:.3f}")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            summary = []
+            for k in nfes:
+                if (k, True) in best and (k, False) in best:
+                    o, d = best[k, True]["fd"], best[k, False]["fd"]
+                    summary.append(f"NFE {k}: ours {o:.1f}, diffusers {d:.1f} ({100 * (o / d - 1):+.1f}%)")
+            lines += ["", "Best of each side: " + "; ".join(summary) + "."]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="a dit_models.train DiT (ddpm) or SiT (Linear, velocity) digits "
+    p.add_argument("--ckpt", default=None, help="a dit_models.train DiT (ddpm) or SiT (Linear, velocity) digits "
                                                  "checkpoint")
     p.add_argument("--nfe", nargs="+", type=int, default=[10, 20])
     p.add_argument("--cfg", nargs="+", type=float, default=[1.0])
@@ -215,7 +257,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", nargs="*", default=None, help="subset of the solver names (default: all)")
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--table", default=None, metavar="JSONL", help="print the markdown tables of a results file and exit")
     a = p.parse_args(argv)
+    if a.table:
+        print(markdown_table(a.table))
+        return []
+    if not a.ckpt:
+        p.error("--ckpt is required (or --table JSONL)")
     if not diffusers_available():
         print("diffusers is not installed (pip install diffusers): nothing to compare against, skipping",
               file=sys.stderr)

@@ -16,8 +16,8 @@ method's nfe_variants (dit_models/methods/<method>.py), then dpm++2 (2M), dpm++3
 0 = noise, EDM sigma; dit_models/guidance_interval.py) lies in [LO, HI]; the record then also counts the
 guided calls (guided_nfe). One JSON line per (sampler, NFE, cfg, interval) with fd, accuracy, nfe (counted),
 seconds; --out appends and a rerun skips the cells already there for the same checkpoint. --table prints one
-markdown table per (checkpoint, cfg, interval) and, where a 250-NFE row exists, how far the best sampler at
-each NFE is from it.
+markdown table per (checkpoint, cfg, interval) and, where the largest NFE is a reference run (>= 50), how far
+the best sampler at each smaller NFE is from it.
 """
 import argparse
 import json
@@ -39,9 +39,9 @@ SAMPLERS = {name: [*m.nfe_variants, "dpm++2", "dpm++3", "unipc-bh2", "unipc-bh1"
 
 def sampler_opts(method, name, nfe, time_spacing=None):
     """Sampler options that spend about `nfe` network evaluations."""
-    if name.startswith("dpm++"):  # the fast defaults are DPM-Solver++'s, with the method's time grid
+    if name.startswith("dpm++"):  # DPM-Solver++ from the fast defaults (the method's time grid)
         o = sampler_defaults(method, fast=True)
-        o.update(num_sampling_steps=nfe, solver_order=int(name[-1]))
+        o.update(sampler="dpm++", num_sampling_steps=nfe, solver_order=int(name[-1]), third_order="taylor")
         if time_spacing:
             o["time_spacing"] = time_spacing
         return o
@@ -103,8 +103,9 @@ def run(ckpt, samplers, nfes, cfgs, num_samples, seed, out, time_spacing=None, b
 def markdown_table(path):
     """The records of a JSONL file as one markdown table per (checkpoint, cfg, guidance interval): a row per
     sampler, a column per NFE, cells "FD / accuracy" (the counted NFE in brackets where it differs from the
-    column's; with an interval, the guided calls after a "g"). Where a 250-NFE row exists, a line per table
-    gives the best FD at each NFE and its distance from that reference."""
+    column's; with an interval, the guided calls after a "g"). Where the largest NFE column is a reference
+    run (>= 50 NFE, e.g. 250 steps of the method's own sampler), a line per table gives the best FD at each
+    smaller NFE and its distance from it."""
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
     lines = []
@@ -132,16 +133,18 @@ def markdown_table(path):
                         extra += f" g{r['guided_nfe']:g}"
                     cells.append(f"{r['fd']:.1f} / {r['accuracy']:.3f}{extra}")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
-            refs = [r for r in rows if r["nfe_target"] == 250]
+            ref_nfe = max(nfes)
+            refs = [r for r in rows if r["nfe_target"] == ref_nfe] if ref_nfe >= 50 else []
             if refs:
                 ref = refs[0]
                 best = []
                 for k in nfes:
                     cell = [r for r in rows if r["nfe_target"] == k and r["fd"] == r["fd"]]
-                    if k != 250 and cell:
+                    if k != ref_nfe and cell:
                         b = min(cell, key=lambda r: r["fd"])
                         best.append(f"NFE {k}: {label(b)} {b['fd']:.1f} ({100 * (b['fd'] / ref['fd'] - 1):+.1f}%)")
-                lines += ["", f"Best against {label(ref)} at 250 NFE (FD {ref['fd']:.1f}): " + "; ".join(best) + "."]
+                head = f"Best against {label(ref)} at {ref['nfe']} NFE (FD {ref['fd']:.1f}): "
+                lines += ["", head + "; ".join(best) + "."]
     return "\n".join(lines)
 
 

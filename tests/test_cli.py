@@ -10,6 +10,7 @@ import torch
 
 from conftest import load_repo_file
 from dit_models import evaluate, generation, metrics, sample, sample_ddp, train
+from dit_models.methods import get_method
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--global-batch-size", "16", "--device", "cpu",
@@ -253,6 +254,20 @@ def test_compare_diffusers_skips_cleanly_without_diffusers(monkeypatch, capsys):
     assert "diffusers is not installed" in capsys.readouterr().err
 
 
+def test_compare_diffusers_table_marks_each_sides_best(tmp_path):
+    bench = load_repo_file("benchmarks/compare_diffusers.py", "_bench_compare_diffusers")
+    base = dict(cfg=1.0, num_samples=10, ckpt="c.pt", method="sit", non_finite_samples=0, accuracy=0.5)
+    recs = [dict(base, solver="ours a", nfe=10, fd=2.0), dict(base, solver="ours b", nfe=10, fd=3.0),
+            dict(base, solver="flow x", nfe=10, fd=4.0), dict(base, solver="flow y", nfe=10, fd=float("nan"),
+                                                               non_finite_samples=10)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    table = bench.markdown_table(str(path))
+    assert "| ours a | **2.0** / 0.500 |" in table and "| ours b | 3.0 / 0.500 |" in table
+    assert "| flow x | **4.0** / 0.500 |" in table and "| flow y | non-finite (10) |" in table
+    assert "NFE 10: ours 2.0, diffusers 4.0 (-50.0%)" in table
+
+
 def test_compare_diffusers_flow_anchor_drives_sit_like_our_samplers(checkpoints):
     # diffusers' flow-matching schedulers on a SiT velocity network (sigma = 1 - t, flow output = -v): on
     # (nearly) our grid they must land where our own DPM-Solver++ / UniPC land; a sign or time-direction slip
@@ -280,12 +295,19 @@ def test_compare_diffusers_flow_anchor_drives_sit_like_our_samplers(checkpoints)
         assert float((x_wrong - x_ours).abs().max()) > 0.2 * scale
 
 
-def test_fast_sampler_is_dpm_solver_and_another_sampler_gets_its_published_settings():
+def test_fast_sampler_is_the_tables_choice_and_another_sampler_gets_its_published_settings():
     p = sample.get_parser()
-    for method in ("ddpm", "sit", "maskdit", "sddit"):
+    for method, sampler in (("ddpm", "dpm++"), ("sit", "unipc"), ("maskdit", "dpm++"), ("sddit", "dpm++")):
         opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x"]), method, fast=True)
-        assert (opts["sampler"], opts["num_sampling_steps"], opts["solver_order"]) == ("dpm++", 20, 2)
+        assert (opts["sampler"], opts["num_sampling_steps"], opts["solver_order"]) == (sampler, 20, 2)
         assert generation.sampler_nfe(method, opts) == 20
+    # SiT: UniPC bh1 by default and for a bare --sampler unipc; --sampler dpm++ is the previous default
+    assert generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x"]), "sit", fast=True)["unipc_variant"] == "bh1"
+    opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "unipc"]), "sit", fast=True)
+    assert (opts["sampler"], opts["unipc_variant"]) == ("unipc", "bh1")
+    opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "dpm++"]), "sit", fast=True)
+    assert (opts["sampler"], opts["num_sampling_steps"], opts["solver_order"]) == ("dpm++", 20, 2)
+    assert "unipc_variant" not in get_method("sit").sampler_settings(opts)  # results record dpm++'s options only
     opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "ddpm"]), "ddpm", fast=True)
     assert (opts["sampler"], opts["num_sampling_steps"]) == ("ddpm", 250)
     opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x", "--sampler", "edm", "--num-sampling-steps",

@@ -140,9 +140,12 @@ def test_ctrl_c_and_user_errors_are_one_line(tool, argv, monkeypatch, capsys):
 def test_results_record_only_the_settings_of_the_sampler_used():
     """eval.json of a DPM-Solver++ SiT run listed the ODE and SDE settings (atol, diffusion_form...) too."""
     sit = METHODS["sit"]
-    assert sit.sampler_settings(sit.sampler_defaults(fast=True)) == \
+    assert sit.sampler_settings(dict(sit.sampler_defaults(fast=True), sampler="dpm++")) == \
         {"sampler": "dpm++", "num_sampling_steps": 20, "solver_order": 2, "time_spacing": "time_uniform",
          "third_order": "taylor"}
+    assert sit.sampler_settings(sit.sampler_defaults(fast=True)) == \
+        {"sampler": "unipc", "num_sampling_steps": 20, "solver_order": 2, "time_spacing": "time_uniform",
+         "unipc_variant": "bh1"}
     sde = dict(sit.sampler_defaults(fast=False), sampler="sde", sampling_method="Euler", guided_channels=3)
     assert set(sit.sampler_settings(sde)) == {"sampler", "num_sampling_steps", "sampling_method", "diffusion_form",
                                               "diffusion_norm", "last_step", "last_step_size", "guided_channels"}

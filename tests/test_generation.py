@@ -129,9 +129,9 @@ def test_unipc_flags_pick_unipc_with_its_defaults():
     from dit_models.generation import sampler_opts_from_args
     from types import SimpleNamespace
 
-    for method in ("ddpm", "sit", "maskdit", "sddit"):
+    for method, variant in (("ddpm", "bh2"), ("sit", "bh1"), ("maskdit", "bh2"), ("sddit", "bh2")):
         opts = sampler_opts_from_args(SimpleNamespace(sampler="unipc"), method)
-        assert opts["sampler"] == "unipc" and opts["unipc_variant"] == "bh2" and opts["num_sampling_steps"] == 20
+        assert opts["sampler"] == "unipc" and opts["unipc_variant"] == variant and opts["num_sampling_steps"] == 20
         assert sampler_nfe(method, opts) == 20
     opts = sampler_opts_from_args(SimpleNamespace(sampler="dpm++", solver_order=3, third_order="reference"), "ddpm")
     assert opts["third_order"] == "reference"

@@ -113,14 +113,16 @@ class Method:
         return self.samplers[kind]
 
 
-def unipc_options(published, time_spacing):
-    """What --sampler unipc starts from: UniPC bh2, order 2 (diffusers' defaults), 20 steps = 20 NFE."""
-    return dict(fast_options(published, time_spacing), sampler="unipc", unipc_variant="bh2")
+def unipc_options(published, time_spacing, variant="bh2"):
+    """UniPC of order 2, 20 steps = 20 NFE; bh2 is diffusers' default variant (what --sampler unipc starts from
+    where the method does not choose another)."""
+    return dict(fast_options(published, time_spacing), sampler="unipc", unipc_variant=variant)
 
 
 def fast_options(published, time_spacing):
-    """The in-training / evaluation sampler of every method: DPM-Solver++(2M), 20 steps = 20 NFE, which on the
-    digits checkpoints matches or beats each method's 250-step sampler (docs/results.md)."""
+    """DPM-Solver++(2M), 20 steps = 20 NFE: the in-training / evaluation sampler of DDPM, MaskDiT and SD-DiT,
+    which on the digits checkpoints matches or beats each method's 250-step sampler (docs/results.md, issue
+    20's table: UniPC bh2 ties with it there, bh1 is far worse below 15 NFE)."""
     return dict(published, sampler="dpm++", num_sampling_steps=20, solver_order=2, time_spacing=time_spacing,
                 third_order="taylor")
 
