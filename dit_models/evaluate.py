@@ -12,7 +12,8 @@ not comparable with ImageNet numbers.
 By default a checkpoint gets the report the quickstart prints (dit_models.metrics.digits_report): the
 Frechet distance at cfg 1 (fidelity: guidance trades closeness to the data for adherence) and the class
 accuracy at cfg 3 (adherence), 2000 samples each, with the evaluation sampler (the in-training sampler,
-sampler_defaults(fast=True): DPM-Solver++(2M), 20 NFE, for every method); any sampler flag overrides it
+sampler_defaults(fast=True): 20 NFE of UniPC bh1 for SiT, of DPM-Solver++(2M) for the others); any
+sampler flag overrides it
 (--sampler alone selects that sampler's published settings), and --cfg-scale scores one setting.
 
     python -m dit_models.evaluate --ckpt results/000-sit-SiT-S-4/checkpoints/0008000.pt

@@ -22,8 +22,9 @@ SAMPLERS = {name: tuple(m.samplers) for name, m in METHODS.items()}
 def sampler_defaults(method, fast=True):
     """Sampler options for in-training grids and evaluation (fast=True) or the published defaults (fast=False).
 
-    fast: DPM-Solver++(2M), 20 steps = 20 NFE, for every method: on the digits checkpoints it matches or beats each
-    method's 250-step sampler (docs/results.md). published: see each method file in dit_models/methods/.
+    fast: 20 steps = 20 NFE of the sampler the digits FD-vs-NFE table chose per method (docs/results.md, issue 20):
+    UniPC bh1 for SiT, DPM-Solver++(2M) for DDPM, MaskDiT and SD-DiT; each matches or beats the method's
+    250-step sampler there. published: see each method file in dit_models/methods/.
     """
     return get_method(method).sampler_defaults(fast)
 
@@ -66,8 +67,8 @@ def sampler_opts_from_args(args, method, fast=False):
     opts = m.sampler_defaults(fast)
     requested = getattr(args, "sampler", None)
     if requested not in (None, opts["sampler"]):
-        # Another sampler than the default one starts from its own settings: DPM-Solver++'s are the fast
-        # defaults, every other sampler's the published ones (plus what choosing it sets).
+        # Another sampler than the default one starts from its own settings: DPM-Solver++ and UniPC from the
+        # fast defaults, every other sampler from the published ones (plus what choosing it sets).
         opts = m.sampler_defaults(fast=requested in ("dpm++", "unipc"))
         if requested in m.samplers:
             opts.update(m.samplers[requested].chosen)
