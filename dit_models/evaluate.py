@@ -12,7 +12,8 @@ not comparable with ImageNet numbers.
 By default a checkpoint gets the report the quickstart prints (dit_models.metrics.digits_report): the
 Frechet distance at cfg 1 (fidelity: guidance trades closeness to the data for adherence) and the class
 accuracy at cfg 3 (adherence), 2000 samples each, with the evaluation sampler (the in-training sampler,
-sampler_defaults(fast=True): 20 NFE of UniPC bh1 for SiT, of DPM-Solver++(2M) for the others); any
+sampler_defaults(fast=True): 20 NFE of UniPC, bh1 for SiT and bh2 for SD-DiT, of DPM-Solver++(2M) for
+DDPM and MaskDiT); any
 sampler flag overrides it
 (--sampler alone selects that sampler's published settings), and --cfg-scale scores one setting.
 

@@ -23,7 +23,7 @@ def sampler_defaults(method, fast=True):
     """Sampler options for in-training grids and evaluation (fast=True) or the published defaults (fast=False).
 
     fast: 20 steps = 20 NFE of the sampler the digits FD-vs-NFE table chose per method (docs/results.md, issue 20):
-    UniPC bh1 for SiT, DPM-Solver++(2M) for DDPM, MaskDiT and SD-DiT; each matches or beats the method's
+    UniPC bh1 for SiT, UniPC bh2 for SD-DiT, DPM-Solver++(2M) for DDPM and MaskDiT; each matches or beats the method's
     250-step sampler there. published: see each method file in dit_models/methods/.
     """
     return get_method(method).sampler_defaults(fast)

@@ -297,7 +297,7 @@ def test_compare_diffusers_flow_anchor_drives_sit_like_our_samplers(checkpoints)
 
 def test_fast_sampler_is_the_tables_choice_and_another_sampler_gets_its_published_settings():
     p = sample.get_parser()
-    for method, sampler in (("ddpm", "dpm++"), ("sit", "unipc"), ("maskdit", "dpm++"), ("sddit", "dpm++")):
+    for method, sampler in (("ddpm", "dpm++"), ("sit", "unipc"), ("maskdit", "dpm++"), ("sddit", "unipc")):
         opts = generation.sampler_opts_from_args(p.parse_args(["--ckpt", "x"]), method, fast=True)
         assert (opts["sampler"], opts["num_sampling_steps"], opts["solver_order"]) == (sampler, 20, 2)
         assert generation.sampler_nfe(method, opts) == 20

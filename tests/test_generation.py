@@ -22,14 +22,15 @@ def _model(method):
     ("ddpm", dict(sampler="ddpm", num_sampling_steps=5)),
     ("ddpm", dict(sampler="ddim", num_sampling_steps=4)),
     ("ddpm", dict(sampler="dpm++", num_sampling_steps=5, solver_order=3, time_spacing="logSNR")),
-    ("sit", dict(num_sampling_steps=6)),                          # fast default: DPM-Solver++(2M)
+    ("sit", dict(num_sampling_steps=6)),                          # fast default: UniPC bh1
+    ("sit", dict(sampler="dpm++", num_sampling_steps=6)),
     ("sit", dict(sampler="ode", sampling_method="heun", num_sampling_steps=6)),
     ("sit", dict(sampling_method="euler", num_sampling_steps=6)),
     ("sit", dict(sampler="sde", sampling_method="Euler", num_sampling_steps=6)),
     ("maskdit", dict(sampler="edm", num_sampling_steps=4)),
     ("maskdit", dict(sampler="dpm++", num_sampling_steps=4, solver_order=2)),
     ("sddit", dict(sampler="edm", num_sampling_steps=3)),
-    ("sddit", dict(num_sampling_steps=3)),                        # fast default: DPM-Solver++(2M)
+    ("sddit", dict(num_sampling_steps=3)),                        # fast default: UniPC bh2
     ("ddpm", dict(sampler="unipc", num_sampling_steps=5, unipc_variant="bh1")),
     ("sit", dict(sampler="unipc", num_sampling_steps=5, solver_order=3)),
     ("maskdit", dict(sampler="unipc", num_sampling_steps=4)),

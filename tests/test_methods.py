@@ -20,7 +20,7 @@ def test_method_record_is_complete(name):
     assert list(m.samplers)[0] == m.published["sampler"] and "dpm++" in m.samplers
     fast = m.sampler_defaults(fast=True)
     # the fast default of each method is the best of issue 20's table at 10-20 NFE (docs/results.md)
-    chosen = {"sit": ("unipc", "bh1")}.get(name, ("dpm++", None))
+    chosen = {"sit": ("unipc", "bh1"), "sddit": ("unipc", "bh2")}.get(name, ("dpm++", None))
     assert (fast["sampler"], fast.get("unipc_variant") if fast["sampler"] == "unipc" else None) == chosen
     assert (fast["num_sampling_steps"], fast["solver_order"]) == (20, 2)
     assert m.sampler(fast).nfe(fast) == 20

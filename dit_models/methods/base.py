@@ -120,9 +120,9 @@ def unipc_options(published, time_spacing, variant="bh2"):
 
 
 def fast_options(published, time_spacing):
-    """DPM-Solver++(2M), 20 steps = 20 NFE: the in-training / evaluation sampler of DDPM, MaskDiT and SD-DiT,
-    which on the digits checkpoints matches or beats each method's 250-step sampler (docs/results.md, issue
-    20's table: UniPC bh2 ties with it there, bh1 is far worse below 15 NFE)."""
+    """DPM-Solver++(2M), 20 steps = 20 NFE: the in-training / evaluation sampler of DDPM and MaskDiT, which on
+    the digits checkpoints matches or beats each method's 250-step sampler (docs/results.md, issue 20's table:
+    UniPC bh2 ties with it there, bh1 is far worse below 15 NFE). SiT and SD-DiT use UniPC (their files)."""
     return dict(published, sampler="dpm++", num_sampling_steps=20, solver_order=2, time_spacing=time_spacing,
                 third_order="taylor")
 

@@ -7,7 +7,7 @@ No released checkpoints.
 """
 from dit_models.cli import nonnegative_float
 
-from .base import Flag, Method, MethodUnavailable, fast_options, given
+from .base import Flag, Method, MethodUnavailable, given, unipc_options
 from .maskdit import EDM_NFE_VARIANTS, EDM_PUBLISHED, EDM_SAMPLER_FLAGS, EDM_SAMPLERS, EDM_TRAIN_FLAGS, LossDictObjective, shrunk_decoder
 
 
@@ -64,7 +64,10 @@ METHOD = Method(
     objective=SDDiTObjective,
     find_unused_parameters=True,
     published=EDM_PUBLISHED,
-    fast=fast_options(EDM_PUBLISHED, None),
+    # UniPC bh2, 20 NFE on EDM's Karras sigmas: on the digits SD-DiT (docs/results.md, issue 20) the lowest FD at
+    # 10-20 NFE at cfg 1 (13.5 / 11.8 / 11.7 at 10 / 15 / 20 NFE, DPM-Solver++(2M) 14.1 / 12.1 / 11.8, EDM Heun with
+    # 99 NFE 11.8). MaskDiT, on the same process, keeps DPM-Solver++(2M), which was as good there.
+    fast=unipc_options(EDM_PUBLISHED, None),
     samplers=EDM_SAMPLERS,
     train_flags=EDM_TRAIN_FLAGS + (
         Flag(("--dis-loss-coef",), dict(type=nonnegative_float, default=None,
