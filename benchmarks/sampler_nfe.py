@@ -135,7 +135,7 @@ def markdown_table(path):
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             ref_nfe = max(nfes)
             refs = [r for r in rows if r["nfe_target"] == ref_nfe] if ref_nfe >= 50 else []
-            if refs:
+            if refs and len(nfes) > 1:
                 ref = refs[0]
                 best = []
                 for k in nfes:
