@@ -67,6 +67,32 @@ def reference(tmp_path_factory):
     return _final(out)
 
 
+def _freeze_when(proc, condition, then=0):
+    """Run proc in slices of about a millisecond, stopped (SIGSTOP, delivered) between them, until condition()
+    has held at `then` + 1 stops; return True with proc left stopped there, False if it exited first. A test
+    that watched a running trainer lost the race on a loaded machine: the tiny run ended before the watcher
+    got a core back. A stopped process cannot run ahead of the check."""
+    def stopped():
+        with open(f"/proc/{proc.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "Tt"
+
+    held = 0
+    while proc.poll() is None:
+        proc.send_signal(signal.SIGSTOP)
+        deadline = time.time() + 5
+        while proc.poll() is None and not stopped() and time.time() < deadline:
+            time.sleep(0.0002)
+        if proc.poll() is not None:
+            break
+        if condition():
+            if held >= then:
+                return True
+            held += 1
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.001)
+    return False
+
+
 def test_sigkill_anywhere_then_resume_auto_is_bitwise_exact(reference, tmp_path):
     """SIGKILL at random times (and once the moment a checkpoint write is under way), a torn newest checkpoint
     once; the same command line (--resume auto) every time, until it finishes."""
@@ -77,14 +103,12 @@ def test_sigkill_anywhere_then_resume_auto_is_bitwise_exact(reference, tmp_path)
         log = str(tmp_path / f"attempt{attempt}.txt")
         proc, f = _start(argv, log)
         try:
-            if _wait_for(proc, log, "saved checkpoint"):
-                if attempt == 1:  # the moment a checkpoint write is under way
-                    ckdir = results / os.listdir(results)[0] / "checkpoints"
-                    while proc.poll() is None and not any(".pt.tmp." in n for n in os.listdir(ckdir)):
-                        pass
-                else:
-                    time.sleep(rng.uniform(0, 0.3))
-            if proc.poll() is None:
+            if attempt == 1:  # the moment a checkpoint write is under way
+                ckdir = results / os.listdir(results)[0] / "checkpoints"
+                frozen = _freeze_when(proc, lambda: any(".pt.tmp." in n for n in os.listdir(ckdir)))
+            else:  # a random moment after its first checkpoint
+                frozen = _freeze_when(proc, lambda: "saved checkpoint" in open(log).read(), rng.randrange(40))
+            if frozen:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
             proc.wait(60)
@@ -126,7 +150,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(reference, tmp_path):
     assert sorted(os.listdir(results / run / "checkpoints")) == [f"{step:07d}.pt"]
     r = subprocess.run([sys.executable, "-m", "dit_models.train", *argv], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == 0 and f"resumed from" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     _assert_bitwise_equal(_final(results), reference)
 
 
