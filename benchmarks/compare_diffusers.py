@@ -29,6 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sampler_nfe, beside this file
 
 DIFFUSERS_CONFIGS = {
     "dpm++2M": ("DPMSolverMultistepScheduler", {}),
@@ -135,8 +136,6 @@ def run(ckpt, nfes, cfgs, num_samples, seed, out, configs=None, batch_size=500):
     from dit_models.generation import generate, load_model_for_sampling
     from dit_models.methods import get_method
     from dit_models.metrics import score_samples
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from sampler_nfe import sampler_opts
 
     model, method, margs = load_model_for_sampling(ckpt, device="cpu")

@@ -39,16 +39,13 @@ SAMPLERS = {name: [*m.nfe_variants, "dpm++2", "dpm++3", "unipc-bh2", "unipc-bh1"
 
 def sampler_opts(method, name, nfe, time_spacing=None):
     """Sampler options that spend about `nfe` network evaluations."""
-    if name.startswith("dpm++"):  # DPM-Solver++ from the fast defaults (the method's time grid)
+    if name.startswith(("dpm++", "unipc-")):  # one evaluation per step, from the fast defaults (the method's grid)
         o = sampler_defaults(method, fast=True)
-        o.update(sampler="dpm++", num_sampling_steps=nfe, solver_order=int(name[-1]), third_order="taylor")
-        if time_spacing:
-            o["time_spacing"] = time_spacing
-        return o
-    if name.startswith("unipc-"):  # UniPC-2 (bh2 / bh1) from the same fast defaults
-        o = sampler_defaults(method, fast=True)
-        o.update(get_method(method).samplers["unipc"].chosen)
-        o.update(num_sampling_steps=nfe, solver_order=2, unipc_variant=name.split("-")[1])
+        if name.startswith("dpm++"):
+            o.update(sampler="dpm++", solver_order=int(name[-1]), third_order="taylor")
+        else:  # UniPC-2, bh2 / bh1
+            o.update(get_method(method).samplers["unipc"].chosen, solver_order=2, unipc_variant=name.split("-")[1])
+        o["num_sampling_steps"] = nfe
         if time_spacing:
             o["time_spacing"] = time_spacing
         return o

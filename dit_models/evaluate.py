@@ -13,9 +13,8 @@ By default a checkpoint gets the report the quickstart prints (dit_models.metric
 Frechet distance at cfg 1 (fidelity: guidance trades closeness to the data for adherence) and the class
 accuracy at cfg 3 (adherence), 2000 samples each, with the evaluation sampler (the in-training sampler,
 sampler_defaults(fast=True): 20 NFE of UniPC, bh1 for SiT and bh2 for SD-DiT, of DPM-Solver++(2M) for
-DDPM and MaskDiT); any
-sampler flag overrides it
-(--sampler alone selects that sampler's published settings), and --cfg-scale scores one setting.
+DDPM and MaskDiT); any sampler flag overrides it (--sampler alone selects that sampler's published
+settings), and --cfg-scale scores one setting.
 
     python -m dit_models.evaluate --ckpt results/000-sit-SiT-S-4/checkpoints/0008000.pt
     python -m dit_models.evaluate --ckpt ... --cfg-scale 1.5 --num-samples 1000 --num-sampling-steps 250
